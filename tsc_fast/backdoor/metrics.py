@@ -1,0 +1,72 @@
+"""Defense metrics with BackdoorBench's definitions, in percent (0-100).
+
+- ACC: accuracy on the clean test set.
+- ASR: attack success rate, over the triggered test images whose TRUE label is not the target: the fraction
+  classified as the target.
+- RA: robust accuracy, over the same triggered images: the fraction classified as their true label.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn as nn
+
+from .attacks import Attack, triggered_test_set
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels (argmax of the logits) for ``x``, in eval mode; the model's mode is restored."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    was_training = model.training
+    device = model_device(model)
+    model.eval()
+    try:
+        predictions = [
+            model(x[i : i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)
+
+
+def percent(hits: torch.Tensor) -> float:
+    """Percentage of True values in a boolean tensor (NaN for an empty one)."""
+    return float(hits.float().mean() * 100) if hits.numel() else float("nan")
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percentage of predictions equal to the labels."""
+    return percent(predictions.cpu() == labels.cpu())
+
+
+def attack_success_rate(triggered_predictions: torch.Tensor, target: int) -> float:
+    """Percentage of triggered (non-target-label) images classified as the target."""
+    return percent(triggered_predictions.cpu() == target)
+
+
+def evaluate(
+    model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, attack: Attack, batch_size: int = 512
+) -> dict[str, float]:
+    """``{"acc", "asr", "ra"}`` in percent: clean accuracy, attack success rate and robust accuracy.
+
+    ASR and RA are measured on triggered copies of the test images whose true label is not ``attack.target``.
+    """
+    if len(x_test) != len(y_test):
+        raise ValueError(f"x_test has {len(x_test)} images but y_test has {len(y_test)} labels")
+    clean_predictions = predict(model, x_test, batch_size)
+    x_triggered, y_true = triggered_test_set(x_test, y_test, attack)
+    triggered_predictions = predict(model, x_triggered, batch_size)
+    return {
+        "acc": accuracy(clean_predictions, y_test),
+        "asr": attack_success_rate(triggered_predictions, attack.target),
+        "ra": accuracy(triggered_predictions, y_true),
+    }

@@ -1,0 +1,180 @@
+"""Saving and loading model weights safely.
+
+Checkpoints may come from an attacker, so nothing here runs pickled code: ``.safetensors`` files are read with
+safetensors, anything else with ``torch.load(weights_only=True)``, whose restricted unpickler refuses arbitrary
+objects. Models are saved as safetensors.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+PathLike = Union[str, os.PathLike]
+StateDict = dict[str, torch.Tensor]
+
+# Keys under which training scripts commonly nest the weights, tried in this order.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+# Prefixes added by wrappers: DataParallel / DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+class CheckpointError(ValueError):
+    """The file exists but is not a usable checkpoint (corrupt, unsafe or not a state dict)."""
+
+
+def save_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike) -> Path:
+    """Save a model's state dict (parameters and buffers) as safetensors; returns the path written.
+
+    Tensors are copied to contiguous CPU memory (safetensors refuses views and shared storage, e.g. tied weights).
+    Missing parent folders are created.
+    """
+    from safetensors.torch import save_file
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}, not a tensor")
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # SafetensorError, or whatever a corrupt header makes the parser raise
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint: {error}") from error
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's weights-only error that names the refused object (not its advice to disable safety)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    return (named or lines or ["unknown content"])[0]
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} was refused: it is not a plain tensor checkpoint ({_refusal_reason(error)}); tsc_fast never "
+            "unpickles arbitrary code: convert it to safetensors or a plain state dict"
+        ) from error
+    except Exception as error:  # a corrupt file can fail anywhere in torch's parser
+        raise CheckpointError(
+            f"{path} is not a valid checkpoint ({type(error).__name__}: {error})"
+        ) from error
+
+
+def unwrap_state_dict(checkpoint: object, source: str = "checkpoint") -> StateDict:
+    """The tensors of a loaded checkpoint: unwraps ``{"state_dict": ...}``-style nesting and strips
+    ``module.`` / ``_orig_mod.`` prefixes shared by every key."""
+    while isinstance(checkpoint, Mapping):
+        nested = next((checkpoint[k] for k in WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if nested is None:
+            break
+        checkpoint = nested
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        raise CheckpointError(f"{source} does not contain a state dict (got {type(checkpoint).__name__})")
+    not_tensors = [str(k) for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}")
+    state = {str(k): v for k, v in checkpoint.items()}
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_dict(path: PathLike) -> StateDict:
+    """Read the weights of a checkpoint file (safetensors, or a torch file loaded with ``weights_only=True``).
+
+    Raises FileNotFoundError for a missing file and :class:`CheckpointError` (a ValueError) for a file that is
+    not a valid, safe checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX or _looks_like_safetensors(path):
+        return _read_safetensors(path)
+    return unwrap_state_dict(_read_torch(path), source=str(path))
+
+
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    """``(missing, unexpected, shape_mismatches)`` of ``state`` against ``model``'s state dict.
+
+    ``shape_mismatches`` lists ``(name, checkpoint_shape, model_shape)``.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        (name, tuple(state[name].shape), tuple(expected[name].shape))
+        for name in sorted(set(expected) & set(state))
+        if state[name].shape != expected[name].shape
+    ]
+    return missing, unexpected, shapes
+
+
+def _describe_mismatch(missing: list, unexpected: list, shapes: list, limit: int = 10) -> str:
+    def listed(items: list) -> str:
+        shown = ", ".join(str(i) for i in items[:limit])
+        return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {listed(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {listed(unexpected)}")
+    if shapes:
+        parts.append("shape mismatches: " + listed([f"{n} (checkpoint {c} vs model {m})" for n, c, m in shapes]))
+    return "; ".join(parts)
+
+
+def load_into(
+    model: nn.Module, source: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True
+) -> nn.Module:
+    """Load a checkpoint file (or a state dict) into ``model``; returns the model.
+
+    Raises ValueError naming the missing/unexpected keys (only when ``strict``) and every shape mismatch
+    (always) when the checkpoint does not fit the architecture.
+    """
+    if isinstance(source, Mapping):
+        state, name = unwrap_state_dict(source, source="state dict"), "state dict"
+    else:
+        state, name = load_state_dict(source), str(source)
+    missing, unexpected, shapes = state_dict_mismatch(model, state)
+    if not strict:
+        missing, unexpected = [], []
+        state = {k: v for k, v in state.items() if k in model.state_dict()}
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {name} does not match the {type(model).__name__} architecture: "
+            + _describe_mismatch(missing, unexpected, shapes)
+        )
+    model.load_state_dict(state, strict=strict)
+    return model
