@@ -194,7 +194,7 @@ def test_build_attack_registry():
     attack = build_attack("blended", (1, 8, 8), target=3, alpha=0.1)
     assert isinstance(attack, Blended) and attack.target == 3 and attack.alpha == 0.1
     with pytest.raises(ValueError, match="unknown attack"):
-        build_attack("wanet", (1, 8, 8))
+        build_attack("nope", (1, 8, 8))
 
 
 def test_poison_dataset_count_labels_and_triggers(digits):

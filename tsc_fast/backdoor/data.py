@@ -1,15 +1,24 @@
-"""Datasets for evaluating a defense: the embedded digits set now, local image folders later.
+"""Datasets for evaluating a defense: the embedded digits set and local copies of CIFAR-10, GTSRB and
+ImageNet-style folders.
 
-Everything here is offline: ``digits`` ships inside scikit-learn; other datasets will be read from a path the user
-gives (issue 6), and tsc_fast downloads nothing.
+Everything here is offline: ``digits`` ships inside scikit-learn; other datasets are read from a path the user
+gives (``datasets_local``), and tsc_fast downloads nothing:
 
-Images are float32 tensors (N, C, H, W) in [0, 1], labels int64 tensors (N,). Small datasets are kept as
-:class:`torch.utils.data.TensorDataset` so that attacks and metrics can work on whole tensors at once.
+    load_dataset("digits")
+    load_dataset("cifar10", root="/data/cifar-10-batches-py")   # or the folder above it
+    load_dataset("/data/cifar-10-batches-py")                   # layout detected from the folder
+    load_dataset("gtsrb", root="/data/GTSRB", size=32)
+    load_dataset("imagenet100", root="/data/imagenet100", size=224)   # lazy: train/<class>/, val/<class>/
+
+Images are float32 tensors (N, C, H, W) in [0, 1], labels int64 tensors (N,). Datasets that fit in memory are
+kept as :class:`torch.utils.data.TensorDataset` so that attacks and metrics can work on whole tensors at once;
+ImageNet-style folders are lazy map-style datasets yielding ``(image, label)``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Union
 
 import numpy as np
@@ -28,16 +37,19 @@ class DatasetSplits:
     """A dataset's fixed train/test split and what a model needs to know about it."""
 
     name: str
-    train: TensorDataset
-    test: TensorDataset
+    train: Dataset  # a TensorDataset of (x, y) when the data fit in memory, else a lazy map-style Dataset
+    test: Dataset
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
+    classes: tuple[str, ...] = ()  # class names where the source provides them
 
     def train_tensors(self) -> TensorPair:
-        return tuple(self.train.tensors)  # type: ignore[return-value]
+        """``(x, y)`` of the training split (no copy for a TensorDataset; a lazy dataset is stacked if small)."""
+        return tuple(to_tensors(self.train))  # type: ignore[return-value]
 
     def test_tensors(self) -> TensorPair:
-        return tuple(self.test.tensors)  # type: ignore[return-value]
+        """``(x, y)`` of the test split (no copy for a TensorDataset; a lazy dataset is stacked if small)."""
+        return tuple(to_tensors(self.test))  # type: ignore[return-value]
 
 
 def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE) -> DatasetSplits:
@@ -63,24 +75,65 @@ def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE) -> Datas
     )
 
 
-# name -> loader(seed=..., **options). Issue 6 adds entries for local CIFAR-10 / GTSRB / ImageNet-style folders.
-DATASET_LOADERS: dict[str, Callable[..., DatasetSplits]] = {"digits": load_digits_split}
-PLANNED_DATASETS = ("cifar10", "gtsrb", "imagenet")
+def _local_loader(function_name: str) -> Callable[..., DatasetSplits]:
+    """A registry entry that imports ``datasets_local`` only when used (it imports this module)."""
+
+    def load(seed: int = 0, root: Union[str, Path, None] = None, **options) -> DatasetSplits:
+        from . import datasets_local
+
+        return getattr(datasets_local, function_name)(root, seed=seed, **options)
+
+    load.__name__ = function_name
+    return load
 
 
-def load_dataset(name_or_path: str, seed: int = 0, **options) -> DatasetSplits:
-    """Load a dataset by name (``"digits"``); local folders are not supported yet and nothing is downloaded."""
+def _load_imagenet100(seed: int = 0, root: Union[str, Path, None] = None, **options) -> DatasetSplits:
+    from .datasets_local import load_image_folders
+
+    return load_image_folders(root, seed=seed, name="imagenet100", **options)
+
+
+# name -> loader(seed=..., **options); local datasets take root=PATH.
+DATASET_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
+    "digits": load_digits_split,
+    "cifar10": _local_loader("load_cifar10"),
+    "gtsrb": _local_loader("load_gtsrb"),
+    "imagenet": _local_loader("load_image_folders"),
+    "imagenet100": _load_imagenet100,
+    "image_folder": _local_loader("load_image_folders"),
+}
+LOCAL_DATASETS = ("cifar10", "gtsrb", "imagenet", "imagenet100", "image_folder")
+LOCAL_LAYOUTS = {
+    "cifar10": "the folder holding cifar-10-batches-py (or that folder itself)",
+    "gtsrb": "the GTSRB folder holding Final_Training/Images and Final_Test/Images",
+    "imagenet": "a folder holding train/<class>/ and val/<class>/ image folders",
+    "imagenet100": "a folder holding train/<class>/ and val/<class>/ image folders",
+    "image_folder": "a folder holding train/<class>/ and val/<class>/ image folders",
+}
+
+
+def load_dataset(name_or_path: Union[str, Path], seed: int = 0, **options) -> DatasetSplits:
+    """Load a dataset by name (``"digits"``; ``"cifar10"``, ``"gtsrb"``, ``"imagenet100"``, ``"image_folder"``
+    with ``root=PATH``) or from a folder path whose layout is detected. Nothing is downloaded.
+
+    ``options`` go to the loader (``size=`` for GTSRB and image folders, ``dtype=`` for CIFAR-10 and GTSRB).
+    """
     key = str(name_or_path).lower()
     if key in DATASET_LOADERS:
+        if key in LOCAL_DATASETS and options.get("root") is None:
+            raise ValueError(
+                f"dataset {name_or_path!r} is read from a local copy: pass root=PATH, {LOCAL_LAYOUTS[key]} "
+                "(a default data location is not yet supported, and tsc_fast downloads nothing)"
+            )
         return DATASET_LOADERS[key](seed=seed, **options)
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir():
+        from .datasets_local import load_local
+
+        return load_local(path, seed=seed, **options)
     known = ", ".join(sorted(DATASET_LOADERS))
-    if key in PLANNED_DATASETS:
-        raise ValueError(
-            f"dataset {name_or_path!r} is not yet supported (known: {known}); tsc_fast downloads nothing, "
-            "local dataset folders will be read from a path in a later version"
-        )
     raise ValueError(
-        f"unknown dataset {name_or_path!r} (known: {known}); dataset paths are not yet supported and "
+        f"unknown dataset {name_or_path!r}: neither a known name ({known}) nor an existing folder; "
         "tsc_fast downloads nothing"
     )
 
