@@ -3,6 +3,10 @@
 Un-align permutes a copy of a model so that each unit is as uncorrelated as possible with the same-index unit of
 the original; re-align permutes a model so that its units match a reference's. Both keep the permuted model's
 function unchanged, which is checked on a batch of the data unless the caller turns it off.
+
+Attention groups (``spec.heads``) are assigned head-aware (:func:`solve_heads`): heads move whole, one head order
+for an attention layer's query/key and value/output groups, a free order inside each head per group -- the only
+permutations that keep a transformer's function.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn as nn
 from . import assign
 from .batches import batch_inputs, to_device
 from .modes import eval_mode
-from .spec import PermutationSpec, permute
+from .spec import PermutationSpec, head_permutation, permute
 from .stats import cross_correlations, self_correlations
 
 
@@ -39,14 +43,58 @@ class Alignment:
         return {"cost_identity": self.cost_identity, "cost_achieved": self.cost_achieved, "seconds": self.seconds}
 
 
-def _solve_groups(costs: dict[str, torch.Tensor], maximize: bool, backend: str) -> dict[str, np.ndarray]:
-    names = list(costs)
-    matrices = [costs[g].cpu().numpy() for g in names]
-    if backend in ("auto", "native"):
-        perms = assign.solve_many(matrices, maximize=maximize)
-    else:
-        perms = [assign.solve(m, maximize=maximize, backend=backend) for m in matrices]
-    return dict(zip(names, perms))
+def _solve_batch(matrices: list[np.ndarray], maximize: bool, backend: str) -> list[np.ndarray]:
+    """Optimal assignments of many independent cost matrices (the native solver runs them in parallel threads)."""
+    if not matrices:
+        return []
+    return [np.asarray(p, dtype=np.int64) for p in assign.solve_many(matrices, maximize=maximize, backend=backend)]
+
+
+def head_blocks(cost: np.ndarray, num_heads: int) -> np.ndarray:
+    """(H*d, H*d) cost -> (H, H, d, d) blocks: ``blocks[a, b]`` pairs the units of head a (rows, reference) with
+    those of head b (columns, the model being permuted)."""
+    size = cost.shape[0]
+    if cost.shape != (size, size) or size % num_heads:
+        raise ValueError(f"a head-structured cost must be square with a multiple of {num_heads} rows, got "
+                         f"{cost.shape}")
+    d = size // num_heads
+    return cost.reshape(num_heads, d, num_heads, d).transpose(0, 2, 1, 3)
+
+
+def solve_heads(costs: list[np.ndarray], num_heads: int, maximize: bool,
+                backend: str = "auto") -> list[np.ndarray]:
+    """Head-aware assignment of groups that share one head order (an attention layer's query/key and value/output
+    groups): a permutation of heads, and inside each head a free permutation per group.
+
+    Level 1: for every (reference head a, model head b) pair and every group, the optimal within-head assignment
+    of the (d x d) block -- all H*H*len(costs) small problems in one batch. Level 2: one (H x H) assignment over
+    the head-pair optimal values summed over the groups, so both groups move heads in the same order. Exact: the
+    best head-respecting permutation, as the groups' within-head choices are independent once heads are paired.
+    Returns one permutation per group (new unit i = old unit perm[i]), each built with ``head_permutation``.
+    """
+    blocks = [head_blocks(np.asarray(c, dtype=np.float64), num_heads) for c in costs]
+    d = blocks[0].shape[-1]
+    flat = [np.ascontiguousarray(b[a, h]) for b in blocks for a in range(num_heads) for h in range(num_heads)]
+    within = np.stack(_solve_batch(flat, maximize, backend)).reshape(len(costs), num_heads, num_heads, d)
+    pair_value = np.zeros((num_heads, num_heads))
+    for part, b in enumerate(blocks):  # value of each head pair's optimal within-head assignment
+        pair_value += np.take_along_axis(b, within[part][..., None], axis=3)[..., 0].sum(-1)
+    head_perm = _solve_batch([pair_value], maximize, backend)[0]
+    return [head_permutation(head_perm, within[part][np.arange(num_heads), head_perm]) for part in range(len(costs))]
+
+
+def _solve_groups(costs: dict[str, torch.Tensor], spec: PermutationSpec, maximize: bool,
+                  backend: str) -> dict[str, np.ndarray]:
+    """Every group's assignment: plain groups solved together in one batch, head-structured groups per
+    attention layer with the two-level :func:`solve_heads`."""
+    matrices = {g: c.detach().cpu().double().numpy() for g, c in costs.items()}
+    headed = {g for entry in spec.heads.values() for g in entry["groups"]}
+    plain = [g for g in matrices if g not in headed]
+    perms = dict(zip(plain, _solve_batch([matrices[g] for g in plain], maximize, backend)))
+    for entry in spec.heads.values():
+        groups = entry["groups"]
+        perms.update(zip(groups, solve_heads([matrices[g] for g in groups], entry["num_heads"], maximize, backend)))
+    return perms
 
 
 def _assignment_costs(costs: dict[str, torch.Tensor], perms: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -78,7 +126,7 @@ def _align(model: nn.Module, spec: PermutationSpec, gather_costs, maximize: bool
     t0 = time.perf_counter()
     costs = gather_costs()
     t1 = time.perf_counter()
-    perms = _solve_groups(costs, maximize=maximize, backend=backend)
+    perms = _solve_groups(costs, spec, maximize=maximize, backend=backend)
     t2 = time.perf_counter()
     permuted = permute(model, spec, perms)
     t3 = time.perf_counter()

@@ -9,6 +9,7 @@ state_dict tensor depends on it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ._types import AxisRef
@@ -29,6 +30,7 @@ class AxisClass:
     producers: list[str] = field(default_factory=list)                     # module paths creating these units
     residual_scopes: list[tuple[int, str]] = field(default_factory=list)   # (node order, scope) of residual adds
     first_seen: int = 1 << 62
+    granularity: int = 1   # units move in whole blocks of this many axis entries (grouped conv, GroupNorm)
 
 
 class AxisUnion:
@@ -43,6 +45,7 @@ class AxisUnion:
         self.producers: dict[int, list[str]] = {}
         self.residual: dict[int, list[tuple[int, str]]] = {}
         self.seen: dict[int, int] = {}
+        self.granularity: dict[int, int] = {}
         self.ref_owner: dict[tuple[str, int, int, int], int] = {}
 
     def new(self, size: int, fixed: str | None = None) -> int:
@@ -94,6 +97,25 @@ class AxisUnion:
 
     def residual_add(self, a: int, order: int, scope: str) -> None:
         self.residual.setdefault(a, []).append((order, scope))
+
+    def coarsen(self, a: int, block: int) -> None:
+        """Axis ``a`` may only be permuted in whole blocks of ``block`` consecutive units, their order kept."""
+        self.granularity[a] = math.lcm(self.granularity.get(a, 1), int(block))
+
+    def coarsen_dim(self, dim: Dim, channels: int, node, reason: str) -> None:
+        """The entries of ``dim`` may only move in whole blocks of ``channels`` consecutive entries: each piece's
+        axis is coarsened, provided the blocks do not straddle pieces; otherwise the dim must stay fixed."""
+        offset = 0
+        for a, block in dim:
+            span = self.size[a] * block
+            if (channels % block and block % channels) or offset % channels or span % channels:
+                self.require_dim(dim, node, f"{reason}: its blocks of {channels} entries straddle a concatenation "
+                                            "or flattening")
+                return
+            offset += span
+        for a, block in dim:
+            if channels % block == 0:  # else each unit already spans whole blocks
+                self.coarsen(a, channels // block)
 
     def see(self, a: int, order: int) -> None:
         self.seen.setdefault(a, order)
@@ -154,6 +176,9 @@ class AxisUnion:
             cls(a).producers.extend(paths)
         for a, sites in self.residual.items():
             cls(a).residual_scopes.extend(sites)
+        for a, block in self.granularity.items():
+            c = cls(a)
+            c.granularity = math.lcm(c.granularity, block)
         for a, order in self.seen.items():
             c = cls(a)
             c.first_seen = min(c.first_seen, order)

@@ -8,6 +8,7 @@ otherwise be permuted, discovery refuses with a message naming the operation and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 import re
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ._attention import qkv_attention_heads
 from ._axes import AxisClass, AxisUnion, Dim
 from ._types import AxisRef, PermutationSpec, Tap, UnsupportedOperationError, UntraceableModelError
 
@@ -101,13 +103,15 @@ def describe_node(node: fx.Node) -> str:
 class _SpecTracer(fx.Tracer):
     """torch.fx tracer that keeps excluded modules opaque and remembers which module failed to trace."""
 
-    def __init__(self, exclude: Iterable[str] = ()):
+    def __init__(self, exclude: Iterable[str] = (), attention_blocks: Iterable[str] = ()):
         super().__init__()
         self.exclude = set(exclude)
+        self.attention_blocks = set(attention_blocks)
         self.failed_path: str | None = None
 
     def is_leaf_module(self, module: nn.Module, path: str) -> bool:
-        return path in self.exclude or super().is_leaf_module(module, path)
+        # verified qkv-Linear attention blocks stay whole: their head symmetry is known, not derived op by op
+        return path in self.exclude or path in self.attention_blocks or super().is_leaf_module(module, path)
 
     def call_module(self, module, forward, args, kwargs):
         try:
@@ -120,7 +124,9 @@ class _SpecTracer(fx.Tracer):
 
 def trace(model: nn.Module, exclude: Iterable[str] = ()) -> fx.GraphModule:
     """Trace ``model`` (in eval mode, restored afterwards) into a GraphModule sharing its modules."""
-    tracer = _SpecTracer(exclude)
+    # recognised before tracing: the recognition runs the module, which must not happen inside the tracer
+    attention_blocks = [path for path, module in model.named_modules() if qkv_attention_heads(module) is not None]
+    tracer = _SpecTracer(exclude, attention_blocks)
     with _eval_mode(model):
         try:
             graph = tracer.trace(model)
@@ -266,6 +272,9 @@ class _Analyzer(fx.Interpreter):
             return self.fixed_like(result, f"output of excluded module {path!r}")
         if isinstance(module, nn.MultiheadAttention):
             return self.attention(n, module, path, args, kwargs, result)
+        num_heads = qkv_attention_heads(module)
+        if num_heads is not None:
+            return self.qkv_attention(n, module, path, num_heads, result)
         x = self.layout_of(n.args[0]) if n.args else None
         if not _is_tensor(result) or not isinstance(x, Layout) or not args or not _is_tensor(args[0]):
             return self.opaque(n, f"{type(module).__name__} is not supported", result)
@@ -360,6 +369,35 @@ class _Analyzer(fx.Interpreter):
         weights = self.fixed_like(result[1], "attention weights") if _is_tensor(result[1]) else None
         return (attn_output, weights)
 
+    def qkv_attention(self, n, module: nn.Module, path: str, num_heads: int, result):
+        """A verified qkv-Linear attention block (see ``_attention``): the rows of ``qkv`` form a query/key group
+        (queries at offset 0, keys at E) and a value group that also permutes ``proj``'s input columns; both are
+        head-structured. ``proj``'s output starts a new axis."""
+        x = self.layouts.get(n.args[0]) if len(n.args) == 1 and not n.kwargs else None
+        embed = module.proj.in_features
+        if not isinstance(x, Layout) or not _is_tensor(result) or result.shape[-1] != module.proj.out_features or \
+                len(result.shape) != len(x):
+            return self.opaque(n, "qkv attention called with unexpected arguments", result)
+        qk, vo, out = self.axes.new(embed), self.axes.new(embed), self.axes.new(module.proj.out_features)
+        attach = self.axes.attach
+        self.axes.attach_dim(x[-1], _join(path, "qkv.weight"), 1)
+        for name in ("qkv.weight", "qkv.bias"):
+            if _join(path, name) in self.state_keys:
+                attach(qk, AxisRef(_join(path, name), 0, 1, 0))
+                attach(qk, AxisRef(_join(path, name), 0, 1, embed))
+                attach(vo, AxisRef(_join(path, name), 0, 1, 2 * embed))
+        attach(vo, AxisRef(_join(path, "proj.weight"), 1))
+        attach(out, AxisRef(_join(path, "proj.weight"), 0))
+        if _join(path, "proj.bias") in self.state_keys:
+            attach(out, AxisRef(_join(path, "proj.bias"), 0))
+        self.axes.produce(qk, _join(path, "qk"))
+        self.axes.produce(vo, _join(path, "vo"))
+        self.axes.produce(out, _join(path, "proj"))
+        self.heads[path] = (num_heads, qk, vo)
+        for axis in (qk, vo):
+            self.axes.see(axis, self.order[n])
+        return Layout(x[:-1] + (((out, 1),),))
+
     def attach_module_tensor(self, n, dim: Dim, path: str, name: str, tensor_dim: int):
         key = _join(path, name)
         if key in self.state_keys:
@@ -378,12 +416,17 @@ class _Analyzer(fx.Interpreter):
             self.axes.attach_dim(channel, weight_name, 1)
             out = self.fresh_dim(out_channels)
             self.axes.produce(out[0][0], producer)
-        elif groups == in_channels and out_channels % in_channels == 0:
-            # depthwise: output channel j reads input channel j // multiplier only, so it moves with it
+        elif out_channels % in_channels == 0:
+            # depthwise (groups == in_channels): output channel j reads input channel j // multiplier only, so it
+            # moves with it. Grouped: output group k reads input group k only; the groups may move as whole blocks
+            # (order inside kept, as the weight's input dim is shared by all groups), outputs following inputs.
             multiplier = out_channels // in_channels
             out = tuple((a, block * multiplier) for a, block in channel)
+            if groups != in_channels:
+                self.axes.coarsen_dim(channel, in_per_group, n, f"convolution with {groups} groups")
         else:
-            return self.opaque(n, f"grouped convolution with {groups} groups is not supported", result)
+            return self.opaque(n, f"grouped convolution with {groups} groups and fewer output than input channels "
+                                  f"({out_channels} < {in_channels}) is not supported", result)
         self.axes.attach_dim(out, weight_name, 0)
         if bias_name is not None:
             self.axes.attach_dim(out, bias_name, 0)
@@ -403,9 +446,8 @@ class _Analyzer(fx.Interpreter):
     def group_norm(self, n, x, num_groups, path, affine):
         channel = x[1]
         channels = self.axes.dim_size(channel)
-        if num_groups not in (1, channels):
-            self.axes.require_dim(channel, n, f"GroupNorm with {num_groups} groups of channels: permutations "
-                                              "would move channels between groups")
+        if num_groups not in (1, channels):  # channels may move between groups only as whole groups
+            self.axes.coarsen_dim(channel, channels // num_groups, n, f"GroupNorm with {num_groups} groups")
         if affine:
             for name in ("weight", "bias"):
                 self.attach_module_tensor(n, channel, path, name, 0)
@@ -733,7 +775,9 @@ def _reshape_run(axes: AxisUnion, n, in_dims, out_sizes):
             return [((a, 1),)] + [((axes.new(s, "unflattened axis"), 1),) for s in out_sizes[1:]]
     for dim in in_dims:
         if not axes.dim_is_inert(dim):
-            axes.require_dim(dim, n, "a reshape splits or regroups this axis")
+            axes.require_dim(dim, n, "a reshape splits or regroups this axis (a split into attention heads is "
+                                     "understood inside nn.MultiheadAttention and qkv-Linear attention blocks: "
+                                     "attributes qkv and proj (nn.Linear) and num_heads, no other parameters)")
     return [((axes.new(s, "reshaped axis"), 1),) for s in out_sizes]
 
 
@@ -819,13 +863,16 @@ def _refusal(name: str, cls: AxisClass) -> str:
 def discover(model: nn.Module, example_input, exclude: Iterable[str] = ()) -> PermutationSpec:
     """Find the permutation groups of ``model`` by tracing it with torch.fx and running it once on ``example_input``.
 
-    Supported: Conv (groups=1, depthwise), Linear, BatchNorm/InstanceNorm, LayerNorm over trailing dims, GroupNorm
-    with 1 or C groups, activations (modules, functions, methods, in-place), dropout, identity, residual add/sub,
-    products with broadcasting (squeeze-excitation, layer scale), pooling, flatten/view/reshape (into Linear:
-    channel blocks), permute/transpose, matmul, F.linear, concatenation, reductions. The model input axes and all
-    output axes stay fixed. ``exclude``: module paths treated as opaque blocks (not traced into; their parameters
-    and the axes of their inputs and outputs stay unpermuted) -- the override for modules discovery refuses or
-    cannot trace. The model's train/eval mode is restored afterwards; the example input only sets shapes.
+    Supported: Conv (groups=1, depthwise, and grouped with at least as many outputs as inputs: the channel groups
+    then move as whole blocks), Linear, BatchNorm/InstanceNorm, LayerNorm over trailing dims (channels-last too),
+    GroupNorm (with 1 < G < C groups its groups move as whole blocks), activations (modules, functions, methods,
+    in-place), dropout, identity, residual add/sub, products with broadcasting (squeeze-excitation, layer scale),
+    pooling, flatten/view/reshape (into Linear: channel blocks), permute/transpose, matmul, F.linear,
+    concatenation, reductions, Embedding, nn.MultiheadAttention and qkv-Linear attention blocks (head-aware groups,
+    ``spec.heads``; see ``_attention`` for what qualifies). Units that move as blocks of channels have
+    ``spec.taps[g].unit_channels > 1``. The model input axes and all output axes stay fixed. ``exclude``: module
+    paths treated as opaque blocks (not traced into; their parameters and the axes of their inputs and outputs stay
+    unpermuted) -- the override for modules discovery refuses or cannot trace. The model's train/eval mode is restored afterwards; the example input only sets shapes.
     Raises UntraceableModelError / UnsupportedOperationError (both ValueError) with the override to use.
     """
     exclude = tuple(exclude)
@@ -863,7 +910,7 @@ def _run_analysis(model, gm, state_keys, exclude, inputs, fake: bool) -> "_Analy
 
 def _build_spec(model, gm, analyzer: _Analyzer, exclude) -> PermutationSpec:
     classes = analyzer.axes.classes()
-    permutable = sorted((c for c in classes.values() if c.fixed is None and c.size > 1 and c.refs),
+    permutable = sorted((c for c in classes.values() if c.fixed is None and _units(c) > 1 and c.refs),
                         key=lambda c: c.first_seen)
     names: dict[int, str] = {}
     taken: set[str] = set()
@@ -888,12 +935,21 @@ def _build_spec(model, gm, analyzer: _Analyzer, exclude) -> PermutationSpec:
         attention_taps[vo_root] = Tap(path, "attn_v", 0, 0, -1, "")
     for cls in permutable:
         name = names[cls.root]
-        groups[name] = cls.size
-        axes[name] = sorted(cls.refs, key=lambda r: (r.name, r.dim, r.offset))
+        if cls.granularity > 1 and cls.root in attention_taps:
+            raise UnsupportedOperationError(f"group {name!r} is both head-structured and moved in blocks of "
+                                            f"{cls.granularity}; exclude the module mixing them")
+        groups[name] = _units(cls)
+        axes[name] = sorted((AxisRef(r.name, r.dim, r.block * cls.granularity, r.offset) for r in cls.refs),
+                            key=lambda r: (r.name, r.dim, r.offset))
         tap = attention_taps.get(cls.root) or _choose_tap(cls, candidates.get(cls.root, []), analyzer, gm)
         if tap is not None:
-            taps[name] = tap
+            taps[name] = dataclasses.replace(tap, unit_channels=cls.granularity)
     return PermutationSpec(groups, axes, taps, exclude, heads)
+
+
+def _units(cls: AxisClass) -> int:
+    """Units of a class moved in blocks of ``granularity`` entries (1 -- nothing to permute -- if they do not fit)."""
+    return cls.size // cls.granularity if cls.size % cls.granularity == 0 else 1
 
 
 def _check_disjoint_refs(permutable: list[AxisClass], names: dict[int, str]) -> None:
@@ -901,7 +957,7 @@ def _check_disjoint_refs(permutable: list[AxisClass], names: dict[int, str]) -> 
     for cls in permutable:
         for ref in cls.refs:
             spans.setdefault((ref.name, ref.dim), []).append(
-                (ref.offset, ref.offset + cls.size * ref.block, names[cls.root]))
+                (ref.offset, ref.offset + cls.size * ref.block, names[cls.root]))  # size * block: entries
     for (tensor, dim), ranges in spans.items():
         ranges.sort()
         for (s0, e0, g0), (s1, e1, g1) in zip(ranges, ranges[1:]):

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ._attention import qkv_attention_heads
 from ._discover import trace
 from ._types import PermutationSpec
 
@@ -113,10 +114,15 @@ def attached_taps(model: nn.Module, spec: PermutationSpec, callback: TapCallback
                 handles.append(module.register_forward_hook(make_hook(path, "output")))
         for path, entries in attention.items():
             module = model.get_submodule(path)
-            if not isinstance(module, nn.MultiheadAttention):
+            if isinstance(module, nn.MultiheadAttention):
+                handles.append(module.register_forward_pre_hook(_attention_hook(entries, callback),
+                                                                with_kwargs=True))
+            elif qkv_attention_heads(module) is not None:
+                handles.append(module.qkv.register_forward_hook(_qkv_hook(entries, callback)))
+            else:
                 raise ValueError(f"spec reads attention projections of {path!r}, which is a "
-                                 f"{type(module).__name__}, not nn.MultiheadAttention")
-            handles.append(module.register_forward_pre_hook(_attention_hook(entries, callback), with_kwargs=True))
+                                 f"{type(module).__name__}, neither nn.MultiheadAttention nor a qkv-Linear "
+                                 "attention block")
         runner: Callable = _tapped_graph_module(model, spec) if node_taps else model
 
         def emit_node(name: str, value: torch.Tensor):
@@ -151,6 +157,20 @@ def _attention_hook(entries: list[tuple[str, str]], callback: TapCallback):
                 callback(group, torch.cat([q, k], dim=token_axis), -1)
             else:
                 callback(group, v, -1)
+    return hook
+
+
+def _qkv_hook(entries: list[tuple[str, str]], callback: TapCallback):
+    """Forward hook of a qkv-Linear attention block's ``qkv`` Linear: its (..., tokens, 3E) output holds the
+    query, key and value projections side by side."""
+    def hook(linear: nn.Linear, args, output: torch.Tensor):
+        embed = output.shape[-1] // 3
+        output = output.detach()
+        for group, kind in entries:
+            if kind == "attn_qk":  # queries and keys share units: their tokens are samples of the same units
+                callback(group, torch.cat([output[..., :embed], output[..., embed:2 * embed]], dim=-2), -1)
+            else:
+                callback(group, output[..., 2 * embed:], -1)
     return hook
 
 

@@ -48,9 +48,12 @@ class Tap:
     ``index`` (a forward pre-hook); ``"node"``: the value of fx graph node ``node`` (needs a traced copy of the
     model; used only where no module boundary carries the tensor). ``call`` picks which call of the module within
     one forward pass (a module may be reused, e.g. torchvision's ``relu``). ``"attn_qk"`` / ``"attn_v"``: the
-    query and key projections (concatenated along the token axis) / the value projection computed from the inputs
-    of nn.MultiheadAttention ``module``. ``channel_axis`` is the axis of the
-    features that holds the group's units: 1 for (N, C, H, W) maps, -1 for (N, C) or (N, L, C).
+    query and key projections (concatenated along the token axis) / the value projection of attention block
+    ``module``: recomputed from the inputs of an nn.MultiheadAttention, read from the ``qkv`` Linear's output of a
+    qkv-Linear attention block. ``channel_axis`` is the axis of the
+    features that holds the group's units: 1 for (N, C, H, W) maps, -1 for (N, C) or (N, L, C). ``unit_channels``:
+    channels per unit on that axis -- more than 1 where units move as whole blocks of channels (groups of a
+    grouped convolution or GroupNorm): unit u is channels ``[u * unit_channels, (u + 1) * unit_channels)``.
     """
 
     module: str
@@ -59,10 +62,13 @@ class Tap:
     call: int = 0
     channel_axis: int = 1
     node: str = ""
+    unit_channels: int = 1
 
     def __post_init__(self):
         if self.kind not in TAP_KINDS:
             raise ValueError(f"Tap.kind must be one of {TAP_KINDS}, got {self.kind!r}")
+        if self.unit_channels < 1:
+            raise ValueError(f"Tap.unit_channels must be positive, got {self.unit_channels}")
 
     def describe(self) -> str:
         module = self.module or "<root>"
@@ -71,7 +77,8 @@ class Tap:
                  "attn_v": f"{self.module} v projection"}[self.kind]
         if self.kind != "node" and self.call:
             where += f" (call {self.call})"
-        return f"{where}, axis {self.channel_axis}"
+        blocks = f" in blocks of {self.unit_channels}" if self.unit_channels > 1 else ""
+        return f"{where}, axis {self.channel_axis}{blocks}"
 
 
 @dataclasses.dataclass
