@@ -11,21 +11,12 @@ from tsc_fast.curve import recalibrate_bn
 from tsc_fast.spec import forward_with_taps
 from tsc_fast.stats import cross_correlations, self_correlations
 
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+from _helpers import randomise_bn
 
 
 def _setup(cls=DigitsCNN, n=45, shape=(1, 8, 8), batch=16, seed=0):
     torch.manual_seed(seed)
-    model = _randomise_bn(cls())
+    model = randomise_bn(cls())
     x = torch.rand(n, *shape)
     loader = DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=batch)
     return model, x, loader, discover(model, x[:2])
@@ -63,7 +54,7 @@ def test_streamed_self_correlation_matches_float64_reference(cls, shape):
 def test_streamed_cross_correlation_matches_float64_reference():
     model, x, loader, spec = _setup()
     torch.manual_seed(1)
-    other = _randomise_bn(DigitsCNN(), seed=1)
+    other = randomise_bn(DigitsCNN(), seed=1)
     got = cross_correlations(model, other, spec, loader)
     fa, fb = _all_features(model, spec, x), _all_features(other, spec, x)
     for g in spec.groups:
@@ -106,4 +97,4 @@ def test_verify_same_function_detects_a_change():
     model, x, _, _ = _setup()
     torch.manual_seed(3)
     with pytest.raises(FunctionChangedError, match="relative error"):
-        verify_same_function(model, _randomise_bn(DigitsCNN(), seed=3), x)
+        verify_same_function(model, randomise_bn(DigitsCNN(), seed=3), x)

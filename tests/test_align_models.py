@@ -18,20 +18,9 @@ from tsc_fast.spec import (PermutationSpec, UnsupportedOperationError, check_inv
                            permute, random_permutations)
 from tsc_fast.stats import cross_correlations, self_correlations
 
+from _helpers import randomise_bn
+
 torchvision = pytest.importorskip("torchvision")
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters (fresh BNs are near-identity and would hide mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
-    return model.eval()
 
 
 def loader_of(x: torch.Tensor, batch: int) -> DataLoader:
@@ -285,7 +274,7 @@ def test_grouped_conv_with_fewer_outputs_is_refused_then_excluded():
 # --- torchvision models end to end, and full-size coverage ----------------------------------------------------------
 def test_torchvision_resnet18_unalign_keeps_function_and_lowers_correlation():
     torch.manual_seed(0)
-    model = randomise(torchvision.models.resnet18(weights=None, num_classes=10))
+    model = randomise_bn(torchvision.models.resnet18(weights=None, num_classes=10))
     x = torch.randn(16, 3, 24, 24)
     spec = discover(model, x[:2])
     result = unalign(model, spec, loader_of(x, 8))
@@ -332,7 +321,7 @@ def test_full_size_torchvision_models_are_invariant(name):
     if not (default or RUN_ALL):
         pytest.skip("heavy full-size model: set TSC_FAST_FULL_MODELS=1 (also covered at 224 by bench/bench_spec.py)")
     torch.manual_seed(0)
-    model, x = randomise(build()), torch.randn(1, 3, side, side)
+    model, x = randomise_bn(build()), torch.randn(1, 3, side, side)
     spec = discover(model, x)
     assert len(spec.groups) >= 10
     assert check_invariance(model, spec, x, rtol=1e-4) <= 1e-4

@@ -15,20 +15,9 @@ from tsc_fast.spec import (AxisRef, InvarianceError, PermutationSpec, Unsupporte
                            UntraceableModelError, check_invariance, discover, forward_with_taps, permute,
                            permute_state_dict, random_permutations, relative_error)
 
+from _helpers import randomise_bn
+
 torchvision = pytest.importorskip("torchvision")
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters (fresh BNs are near-identity and would hide mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
-    return model.eval()
 
 
 def outputs(model, x):
@@ -48,7 +37,7 @@ MODELS = {
 def model_and_input(request):
     torch.manual_seed(0)
     build, shape = MODELS[request.param]
-    return request.param, randomise(build()), torch.randn(*shape)
+    return request.param, randomise_bn(build()), torch.randn(*shape)
 
 
 def test_random_permutations_preserve_function_and_change_weights(model_and_input):
@@ -68,7 +57,7 @@ def test_random_permutations_preserve_function_and_change_weights(model_and_inpu
 def test_permuting_only_part_of_a_group_breaks_invariance():
     """The check can fail: permuting conv3's BN but not conv3 itself (or vice versa) changes the output."""
     torch.manual_seed(0)
-    model, x = randomise(DigitsCNN()), torch.randn(4, 1, 8, 8)
+    model, x = randomise_bn(DigitsCNN()), torch.randn(4, 1, 8, 8)
     spec = discover(model, x)
     for keep in (lambda r: r.name.startswith("bn3"), lambda r: not r.name.startswith("bn3")):
         broken = PermutationSpec(spec.groups, {g: [r for r in refs if g != "conv3" or keep(r)]
@@ -79,7 +68,7 @@ def test_permuting_only_part_of_a_group_breaks_invariance():
 
 def test_mode_and_buffers_untouched():
     torch.manual_seed(0)
-    model, x = randomise(DigitsCNN()).train(), torch.randn(4, 1, 8, 8)
+    model, x = randomise_bn(DigitsCNN()).train(), torch.randn(4, 1, 8, 8)
     state = copy.deepcopy(model.state_dict())
     spec = discover(model, x)
     check_invariance(model, spec, x)
@@ -194,7 +183,7 @@ def collect(model, spec, x):
 
 def test_taps_match_manual_features_digits_cnn():
     torch.manual_seed(0)
-    model, x = randomise(DigitsCNN()), torch.randn(5, 1, 8, 8)
+    model, x = randomise_bn(DigitsCNN()), torch.randn(5, 1, 8, 8)
     spec = discover(model, x)
     found, out = collect(model, spec, x)
     with torch.no_grad():
@@ -209,14 +198,14 @@ def test_taps_match_manual_features_digits_cnn():
 
 def test_taps_match_manual_features_mlp_and_resnet18():
     torch.manual_seed(0)
-    mlp, x = randomise(MLP()), torch.randn(4, 1, 8, 8)
+    mlp, x = randomise_bn(MLP()), torch.randn(4, 1, 8, 8)
     found, _ = collect(mlp, discover(mlp, x), x)
     with torch.no_grad():
         hidden1 = F.relu(mlp.net[1](x.flatten(1)))
     torch.testing.assert_close(found["net.1"][0], hidden1)
     assert found["net.1"][1] == -1
 
-    net, x = randomise(torchvision.models.resnet18(weights=None, num_classes=10)), torch.randn(2, 3, 32, 32)
+    net, x = randomise_bn(torchvision.models.resnet18(weights=None, num_classes=10)), torch.randn(2, 3, 32, 32)
     spec = discover(net, x)
     found, _ = collect(net, spec, x)
     with torch.no_grad():  # in-place ReLUs follow these values: the taps must have been read before them
@@ -232,7 +221,7 @@ def test_taps_match_manual_features_mlp_and_resnet18():
 
 def test_taps_of_permuted_model_are_permuted_taps():
     torch.manual_seed(0)
-    model, x = randomise(PreActResNet18(width=8)), torch.randn(2, 3, 16, 16)
+    model, x = randomise_bn(PreActResNet18(width=8)), torch.randn(2, 3, 16, 16)
     spec = discover(model, x)
     perms = random_permutations(spec, seed=1)
     found, _ = collect(model, spec, x)
@@ -392,7 +381,7 @@ WIDE_MODELS = {
 def test_invariance_torchvision_architectures(name):
     torch.manual_seed(0)
     build, shape = WIDE_MODELS[name]
-    model, x = randomise(build()), torch.randn(*shape)
+    model, x = randomise_bn(build()), torch.randn(*shape)
     spec = discover(model, x)
     assert check_invariance(model, spec, x, rtol=1e-4, trials=2) <= 1e-4
     found, _ = collect(model, spec, x)
@@ -418,7 +407,7 @@ def test_depthwise_and_layer_scale_in_convnext():
 
 def test_attention_heads_are_permuted_as_heads():
     torch.manual_seed(0)
-    model, x = randomise(_small_vit()), torch.randn(2, 3, 16, 16)
+    model, x = randomise_bn(_small_vit()), torch.randn(2, 3, 16, 16)
     spec = discover(model, x)
     path = "encoder.layers.encoder_layer_0.self_attention"
     assert spec.heads[path] == {"num_heads": 4, "groups": [f"{path}.qk", f"{path}.vo"]}

@@ -34,40 +34,27 @@ from torch.utils.data import TensorDataset
 from .backdoor.attacks import Attack, BadNets
 from .backdoor.data import clean_subset, load_digits_split
 from .backdoor.metrics import model_device
+from .backdoor.models import DigitsCNN
 from .batches import random_translate
 
 DEFAULT_TEMPERATURE = 0.5   # SimCLR's small-batch setting (CIFAR experiments use 0.5)
 
 
-class SimCLRNet(nn.Module):
-    """Digits encoder (DigitsCNN's trunk) plus a projection head.
+class SimCLRNet(DigitsCNN):
+    """Digits encoder (DigitsCNN's trunk, ``features`` -> 2w) plus a projection head instead of the classifier.
 
-    conv(1->w)+BN+ReLU; h + ReLU(BN(conv(w->w))); conv(w->2w, stride 2)+BN+ReLU; global average pool
-    -> ``features`` (2w); projection Linear(2w->2w), ReLU, Linear(2w->projection_dim) -> ``forward``.
+    projection: Linear(2w->2w), ReLU, Linear(2w->projection_dim) -> ``forward``.
     """
 
     def __init__(self, in_channels: int = 1, width: int = 32, projection_dim: int = 32):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        super().__init__(in_channels=in_channels, width=width)
+        del self.fc
         self.projection = nn.Sequential(nn.Linear(2 * width, 2 * width), nn.ReLU(),
                                         nn.Linear(2 * width, projection_dim))
 
     @property
     def feature_dim(self) -> int:
         return self.conv3.out_channels
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The representation a linear probe reads: (N, 2w)."""
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = h + F.relu(self.bn2(self.conv2(h)))
-        h = F.relu(self.bn3(self.conv3(h)))
-        return torch.flatten(self.pool(h), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.features(x))

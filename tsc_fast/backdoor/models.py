@@ -46,11 +46,15 @@ class DigitsCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled representation (N, 2w) the classifier reads."""
         h = F.relu(self.bn1(self.conv1(x)))
         h = h + F.relu(self.bn2(self.conv2(h)))
         h = F.relu(self.bn3(self.conv3(h)))
-        return self.fc(torch.flatten(self.pool(h), 1))
+        return torch.flatten(self.pool(h), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 class PreActBlock(nn.Module):
