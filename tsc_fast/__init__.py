@@ -8,7 +8,8 @@
 from . import assign
 from .spec import PermutationSpec, check_invariance, discover, permute
 from .tsc import TSCConfig, TSCResult, purify
+from .defenses import DEFENSES, run_defense
 
 __all__ = ["assign", "discover", "check_invariance", "permute", "PermutationSpec", "purify", "TSCConfig",
-           "TSCResult"]
+           "TSCResult", "run_defense", "DEFENSES"]
 __version__ = "0.1.0"
