@@ -1,0 +1,206 @@
+"""The ``tsc-fast`` command line: ``demo``, ``purify`` and ``bench`` (``suite``, ``ablate``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_OUT = "tsc_fast_out"
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .tsc import TSCConfig
+
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("curve_steps", args.curve_steps),
+                                   ("t_stage1", args.t_stage1), ("t_stage2", args.t_stage2))
+                 if v is not None}
+    overrides.update(seed=args.seed, progress=not args.no_progress)
+    return TSCConfig.official(**overrides) if args.official else TSCConfig(**overrides)
+
+
+def _add_tsc_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TSC settings")
+    group.add_argument("--official", action="store_true", help="the official code's settings exactly")
+    group.add_argument("--rounds", type=int, help="rounds E (default 3)")
+    group.add_argument("--curve-steps", type=int, help="optimiser steps per curve (default 2000)")
+    group.add_argument("--t-stage1", type=float, help="t* of the stage-1 curve (default 0.4)")
+    group.add_argument("--t-stage2", type=float, help="t* of the stage-2 curve (default 0.4)")
+    parser.add_argument("--clean-fraction", type=float, default=0.05, help="share of the training set the defender "
+                        "holds as clean data (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the report as JSON to this path")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    report = run_demo(attack=args.attack, clean_fraction=args.clean_fraction, seed=args.seed,
+                      config=_config_from_args(args), out_dir=args.out, progress=not args.no_progress)
+    print(f"digits, {args.attack} backdoor (target {report['setup']['target']}), "
+          f"{report['clean_examples']} clean images for TSC")
+    print(format_table(report["before"], report["after"]))
+    print(f"purified model: {report.get('model_path')}   total {report['seconds']:.1f} s "
+          f"(TSC {report['purify_seconds']:.1f} s)")
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    from .purify_cli import purify_checkpoint
+
+    report = purify_checkpoint(model_path=args.model, arch=args.arch, data=args.data, out_dir=args.out,
+                               attack=args.attack, target=args.target, clean_fraction=args.clean_fraction,
+                               seed=args.seed, config=_config_from_args(args))
+    print(report["text"])
+    _write_json(args.json, {k: v for k, v in report.items() if k != "text"})
+    return 0
+
+
+def _tsc_overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("rounds", args.rounds), ("curve_steps", args.curve_steps),
+                              ("t_stage1", args.t_stage1), ("t_stage2", args.t_stage2)) if v is not None}
+
+
+def _write_command(args: argparse.Namespace) -> None:
+    """The exact command line next to the results it made."""
+    import shlex
+
+    (args.out / "command.txt").write_text("tsc-fast " + " ".join(shlex.quote(a) for a in args.argv) + "\n")
+
+
+def _cmd_bench_suite(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from .suite import SuiteConfig, quick_defense_configs, run_suite
+    from .tsc import TSCConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = dict(attacks=args.attacks, rates=args.rates,
+                 seeds=tuple(range(args.seed, args.seed + args.seeds)) if args.seeds is not None else None)
+    settings = dict(data=args.data, defenses=args.defenses, landscape=not args.no_landscape,
+                    **{k: v for k, v in given.items() if v is not None})
+    if args.clean_fraction is not None:
+        settings["clean_fraction"] = args.clean_fraction
+    if args.victim_epochs is not None:
+        settings["victim_epochs"] = args.victim_epochs
+    config = SuiteConfig.quick(**settings) if args.quick else SuiteConfig(**settings)
+    overrides = _tsc_overrides(args)
+    if overrides:
+        base = config.defense_config("tsc") if args.quick else TSCConfig(progress=False, warn_below_steps=0)
+        config.defense_configs = {**(quick_defense_configs() if args.quick else {}),
+                                  **config.defense_configs, "tsc": dataclasses.replace(base, **overrides)}
+    result = run_suite(config, args.out, log=print)
+    _write_command(args)
+    print(Path(result.files["markdown"]).read_text())
+    print("written: " + ", ".join(result.files.values()))
+    return 0
+
+
+def _cmd_bench_ablate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .ablate import AblationConfig, run_ablation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = dict(rate=args.rate, sweeps=args.sweeps, seeds=tuple(range(args.seed, args.seed + (args.seeds or 1))))
+    if args.attack is not None:
+        settings["attack"] = args.attack
+    if args.clean_fraction is not None:
+        settings["clean_fraction"] = args.clean_fraction
+    if args.victim_epochs is not None:
+        settings["victim_epochs"] = args.victim_epochs
+    config = AblationConfig.quick_config(**settings) if args.quick else AblationConfig(**settings)
+    config.base = {**config.base, **_tsc_overrides(args)}
+    _, files = run_ablation(config, args.out, log=print)
+    _write_command(args)
+    print(Path(files["markdown"]).read_text())
+    print("written: " + ", ".join(files.values()))
+    return 0
+
+
+def _add_bench_tsc_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TSC settings (defaults: TSCConfig(); with --quick: 1 round, 60 steps)")
+    group.add_argument("--rounds", type=int)
+    group.add_argument("--curve-steps", type=int)
+    group.add_argument("--t-stage1", type=float)
+    group.add_argument("--t-stage2", type=float)
+    parser.add_argument("--clean-fraction", type=float, help="defender's clean share of the training set "
+                        "(default 0.05; 0.1 with --quick)")
+    parser.add_argument("--victim-epochs", type=int, help="victim training epochs (default 40; 15 with --quick)")
+    parser.add_argument("--seeds", type=int, help="number of seeds: seed, seed+1, ... (suite default 3, --quick 1)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="tiny CI budgets")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (table, CSV, plots, JSON)")
+
+
+def _add_bench_commands(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmark suite and ablations on the digits")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    suite = kinds.add_parser("suite", help="victims x defenses: table, CSV, landscape and ACC/ASR plots")
+    suite.add_argument("--data", default="digits", help="dataset (digits)")
+    suite.add_argument("--attacks", help="comma list or 'all' (default badnets,blended); adaptive_badnets, "
+                       "adaptive_blended: the adaptive attack")
+    suite.add_argument("--defenses", default="tsc,ft,mcr,fst", help="comma list or 'all'")
+    suite.add_argument("--rates", help="comma list of poisoning rates (default 0.1,0.01; --quick 0.1)")
+    suite.add_argument("--no-landscape", action="store_true", help="skip the landscape curves")
+    _add_bench_tsc_options(suite)
+    suite.set_defaults(run=_cmd_bench_suite)
+    ablate = kinds.add_parser("ablate", help="TSC sweeps: t*, rounds, clean fraction, steps, batch, augmentation, "
+                              "objective")
+    ablate.add_argument("--attack", help="victim's attack (default blended; badnets with --quick)")
+    ablate.add_argument("--rate", type=float, default=0.1)
+    ablate.add_argument("--sweeps", default="all", help="comma list or 'all'")
+    _add_bench_tsc_options(ablate)
+    ablate.set_defaults(run=_cmd_bench_ablate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsc-fast", description="Backdoor purification with TSC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="backdoor a digits CNN, purify it, print ACC/ASR/RA before and after")
+    demo.add_argument("--attack", default="badnets", choices=["badnets", "blended"])
+    demo.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="where the purified model is saved")
+    _add_tsc_options(demo)
+    demo.set_defaults(run=_cmd_demo)
+
+    purify = commands.add_parser("purify", help="purify a checkpoint with clean data")
+    purify.add_argument("--model", type=Path, required=True, help="checkpoint (.safetensors, or a torch file "
+                        "loaded with weights_only=True)")
+    purify.add_argument("--arch", required=True, help="architecture name: mlp, cnn, preact_resnet18")
+    purify.add_argument("--data", default="digits", help="dataset name (digits)")
+    purify.add_argument("--out", type=Path, required=True, help="output folder")
+    purify.add_argument("--attack", help="if the trigger is known (badnets, blended): also report ASR and RA")
+    purify.add_argument("--target", type=int, default=0, help="attack target class, with --attack")
+    _add_tsc_options(purify)
+    purify.set_defaults(run=_cmd_purify)
+    _add_bench_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tsc-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
