@@ -1,0 +1,292 @@
+"""The benchmark-suite runner: backdoored victims x defenses on identical inputs, one row per run.
+
+    config = SuiteConfig(attacks=("badnets", "blended"), defenses=("tsc", "ft", "mcr", "fst"), rates=(0.1,),
+                         seeds=(0,))
+    result = run_suite(config, out_dir="bench/results/suite")   # table.md, runs.csv, plots, suite.json
+
+For every (attack, rate, seed) one victim is trained (and cached for the run); every defense of that victim gets
+the SAME clean subset (``clean_fraction`` of the clean training set, drawn with the run's seed). The backdoored
+model itself is reported as the row ``defense = "none"``; an attack whose backdoored ASR stays below
+``IMPLANT_THRESHOLD`` is flagged as not implanted (its defense rows measure nothing).
+
+The landscape figure (clean and poisoned loss along t for the stage-1 and stage-2 curves) comes from
+:func:`landscape_curves`, which re-runs one TSC round with the package's own pieces (unalign, BezierCurve,
+train_curve, realign) because ``purify`` does not hand out its trained curves.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .align import realign, unalign
+from .backdoor.attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
+from .backdoor.train import BackdoorSetup, make_backdoored_digits
+from .batches import batch_inputs, make_loader
+from .curve import BezierCurve, recalibrate_bn, train_curve
+from .defenses import DEFENSES, run_defense
+from .spec import discover
+from .tsc import TSCConfig
+
+IMPLANT_THRESHOLD = 50.0           # backdoored ASR (percent) below which an attack "did not implant"
+ADAPTIVE_PREFIX = "adaptive_"      # "adaptive_badnets": the base attack trained by tsc_fast.adaptive
+METRICS = ("acc", "asr", "ra")
+QUICK_STEPS = 60                   # optimiser steps per curve / fine-tune phase in --quick mode
+
+
+def known_attacks() -> list[str]:
+    """Attack names the suite accepts: the package's attacks and their adaptive variants."""
+    return sorted(ATTACKS) + [ADAPTIVE_PREFIX + name for name in ("badnets", "blended")]
+
+
+def parse_attacks(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"`` (every package attack, adaptive ones excluded) or a comma list of names, validated."""
+    names = [s.strip().lower() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    if names == ["all"]:
+        return tuple(sorted(ATTACKS))
+    unknown = [n for n in names if n not in known_attacks()]
+    if unknown or not names:
+        raise ValueError(f"unknown attack(s) {unknown or names}; known: all, {', '.join(known_attacks())}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_defenses(text: str | Sequence[str]) -> tuple[str, ...]:
+    names = [s.strip().lower() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    if names == ["all"]:
+        return tuple(DEFENSES)
+    unknown = [n for n in names if n not in DEFENSES]
+    if unknown or not names:
+        raise ValueError(f"unknown defense(s) {unknown or names}; known: all, {', '.join(DEFENSES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_rates(text: str | Sequence[float]) -> tuple[float, ...]:
+    values = [float(s) for s in (text.split(",") if isinstance(text, str) else text)]
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"poisoning rates must be in (0, 1], got {values}")
+    return tuple(values)
+
+
+@dataclass
+class SuiteConfig:
+    """What the suite runs. ``defense_configs`` maps a defense name to its config (dataclass or dict of fields)."""
+
+    attacks: tuple[str, ...] = ("badnets", "blended")
+    defenses: tuple[str, ...] = ("tsc", "ft", "mcr", "fst")
+    rates: tuple[float, ...] = (0.1, 0.01)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data: str = "digits"
+    target: int = 0
+    clean_fraction: float = 0.05
+    victim_epochs: int = 40
+    defense_configs: dict[str, Any] = field(default_factory=dict)
+    landscape: bool = True                # train the landscape curves for the first victim
+    landscape_points: int = 11            # t values on [0, 1] at which the curves are evaluated
+    plots: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data != "digits":
+            raise ValueError(f"the suite runs on the embedded digits data only, got data={self.data!r}")
+        self.attacks, self.defenses = parse_attacks(self.attacks), parse_defenses(self.defenses)
+        self.rates = parse_rates(self.rates)
+        if not self.seeds:
+            raise ValueError("need at least one seed")
+        if not 0.0 < self.clean_fraction <= 1.0:
+            raise ValueError(f"clean_fraction must be in (0, 1], got {self.clean_fraction}")
+        if self.victim_epochs < 1 or self.landscape_points < 2:
+            raise ValueError("victim_epochs must be >= 1 and landscape_points >= 2")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "SuiteConfig":
+        """CI budget: 2 attacks, 1 rate, 1 seed, short victims, curves and fine-tunes of ``QUICK_STEPS`` steps."""
+        settings: dict[str, Any] = dict(attacks=("badnets", "blended"), rates=(0.1,), seeds=(0,), victim_epochs=15,
+                                        clean_fraction=0.1, landscape_points=6,
+                                        defense_configs=quick_defense_configs())
+        settings.update(overrides)
+        return cls(**settings)
+
+    def defense_config(self, name: str) -> Any:
+        if name in self.defense_configs:
+            return self.defense_configs[name]
+        if name == "tsc":  # the suite's defaults keep progress bars and short-curve warnings off
+            return TSCConfig(progress=False, warn_below_steps=0)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["defense_configs"] = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                  for k, v in self.defense_configs.items()}
+        return out
+
+
+def quick_defense_configs(steps: int = QUICK_STEPS) -> dict[str, Any]:
+    """Tiny budgets for every defense (CI): one TSC round, ``steps`` steps per curve / fine-tune."""
+    return {"tsc": TSCConfig(rounds=1, curve_steps=steps, progress=False, warn_below_steps=0),
+            "ft": {"steps": steps}, "mcr": {"finetune_steps": steps, "curve_steps": steps},
+            "fst": {"steps": steps}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# victims
+
+
+def make_victim(attack: str, rate: float, seed: int, target: int = 0, epochs: int = 40) -> BackdoorSetup:
+    """A backdoored digits CNN: the package attack with its digits options, or an adaptive variant."""
+    if attack.startswith(ADAPTIVE_PREFIX):
+        from .adaptive import make_adaptive_backdoored_digits
+
+        base = attack[len(ADAPTIVE_PREFIX):]
+        return make_adaptive_backdoored_digits(base, rate=rate, target=target, seed=seed, epochs=epochs,
+                                               attack_options=DIGITS_ATTACK_OPTIONS.get(base, {}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*clean-label.*|.*capped.*|.*target class.*")
+        return make_backdoored_digits(attack, rate=rate, target=target, seed=seed, epochs=epochs, progress=False,
+                                      attack_options=DIGITS_ATTACK_OPTIONS.get(attack, {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the landscape figure's data
+
+
+def _losses_at(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor, x_triggered: torch.Tensor,
+               target: int) -> dict[str, float]:
+    """Clean loss, poisoned loss (triggered images against the TARGET label), ACC and ASR of one model."""
+    with torch.no_grad():
+        model.eval()
+        clean_logits, trig_logits = model(x_clean), model(x_triggered)
+    target_labels = torch.full((len(x_triggered),), target, dtype=torch.long)
+    return {"clean_loss": float(F.cross_entropy(clean_logits, y_clean)),
+            "poison_loss": float(F.cross_entropy(trig_logits, target_labels)),
+            "acc": float((clean_logits.argmax(1) == y_clean).float().mean() * 100),
+            "asr": float((trig_logits.argmax(1) == target).float().mean() * 100)}
+
+
+def _profile(curve: BezierCurve, ts: Sequence[float], stats_batches, evaluate: Callable[[nn.Module], dict]
+             ) -> list[dict[str, float]]:
+    profile = []
+    for t in ts:
+        point = curve.point(t)
+        recalibrate_bn(point, stats_batches)
+        profile.append({"t": float(t), **evaluate(point)})
+    return profile
+
+
+def landscape_curves(setup: BackdoorSetup, clean_data, config: TSCConfig | None = None,
+                     points: int = 11) -> dict[str, Any]:
+    """Train round 1 of TSC (stage-1 curve original -> un-aligned copy, stage-2 curve re-aligned original ->
+    stage-1 point) exactly as ``purify`` plans it, and evaluate both curves at ``points`` t values in [0, 1].
+
+    Every point gets its BatchNorm statistics recomputed on the clean data first (as TSC does at t*). Returns
+    ``{"stage1": [...], "stage2": [...], "t_stage1", "t_stage2"}``, each profile a list of
+    ``{"t", "clean_loss", "poison_loss", "acc", "asr"}`` measured on the clean test set and its triggered copy.
+    """
+    config = config or TSCConfig(progress=False, warn_below_steps=0)
+    stats_batches = make_loader(clean_data, config.stats_batch_size, shuffle=False)
+    example = batch_inputs(next(iter(stats_batches)))
+    plan = config.plan(len(clean_data), int(example.shape[-1]))
+    train_batches = make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed)
+    model = copy.deepcopy(setup.model).eval()
+    spec = discover(model, example)
+    keep = setup.y_test != setup.attack.target
+    x_triggered = setup.attack.apply(setup.x_test[keep])
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return _losses_at(m, setup.x_test, setup.y_test, x_triggered, setup.attack.target)
+
+    def trained_curve(start: nn.Module, end: nn.Module, stage: int) -> BezierCurve:
+        curve = BezierCurve(start, end)
+        train_curve(curve, train_batches, plan.curve_epochs, lr=config.lr, momentum=config.momentum,
+                    weight_decay=config.weight_decay, l2_coeff=config.l2_coeff, t_max=plan.cosine_t_max,
+                    augment_shift=plan.augment_shift, seed=config.seed + stage, progress=False)
+        return curve
+
+    ts = [i / (points - 1) for i in range(points)]
+    align_kw = dict(objective=config.objective, backend=config.assign_backend, verify=config.verify)
+    stage1 = trained_curve(model, unalign(model, spec, stats_batches, **align_kw).model, 1)
+    stage1_point = stage1.point(config.t_stage1)
+    recalibrate_bn(stage1_point, stats_batches)
+    stage2 = trained_curve(realign(model, stage1_point, spec, stats_batches, **align_kw).model, stage1_point, 2)
+    return {"stage1": _profile(stage1, ts, stats_batches, evaluate),
+            "stage2": _profile(stage2, ts, stats_batches, evaluate),
+            "t_stage1": config.t_stage1, "t_stage2": config.t_stage2, "curve_steps": plan.curve_steps,
+            "attack": setup.config.get("attack"), "rate": setup.config.get("rate"), "seed": setup.config.get("seed")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the runner
+
+
+@dataclass
+class SuiteResult:
+    rows: list[dict[str, Any]]               # one per (attack, rate, seed, defense); defense "none": backdoored
+    landscape: dict[str, Any] | None
+    config: SuiteConfig
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _row(attack: str, rate: float, seed: int, defense: str, metrics: dict[str, float], seconds: float,
+         steps: int, epochs: int, examples: int, implanted: bool) -> dict[str, Any]:
+    return {"attack": attack, "rate": rate, "seed": seed, "defense": defense,
+            **{m: round(float(metrics[m]), 4) for m in METRICS}, "seconds": round(seconds, 3), "steps": steps,
+            "epochs": epochs, "clean_examples": examples, "implanted": implanted}
+
+
+def run_victim(config: SuiteConfig, attack: str, rate: float, seed: int,
+               log: Callable[[str], None] = lambda _: None) -> tuple[BackdoorSetup, list[dict[str, Any]]]:
+    """Train one victim and run every defense on the same clean subset; returns the setup and its rows."""
+    setup = make_victim(attack, rate, seed, target=config.target, epochs=config.victim_epochs)
+    clean = setup.clean_subset(config.clean_fraction, seed=seed)
+    implanted = setup.before["asr"] >= IMPLANT_THRESHOLD
+    rows = [_row(attack, rate, seed, "none", setup.before, setup.train_seconds, 0, config.victim_epochs,
+                 len(clean), implanted)]
+    log(f"{attack} rate {rate} seed {seed}: backdoored ACC {setup.before['acc']:.1f} ASR {setup.before['asr']:.1f}"
+        + ("" if implanted else "  (did not implant)"))
+    for name in config.defenses:
+        result = run_defense(name, setup.model, clean, config=copy.deepcopy(config.defense_config(name)))
+        metrics = setup.evaluate(result.model)
+        rows.append(_row(attack, rate, seed, name, metrics, result.seconds, int(result.budget.get("steps", 0)),
+                         int(result.budget.get("epochs", 0)), len(clean), implanted))
+        log(f"  {name:4s} ACC {metrics['acc']:.1f} ASR {metrics['asr']:.1f} RA {metrics['ra']:.1f} "
+            f"({result.seconds:.1f} s)")
+    return setup, rows
+
+
+def run_suite(config: SuiteConfig, out_dir: str | Path | None = None,
+              log: Callable[[str], None] = lambda _: None) -> SuiteResult:
+    """Run every (attack, rate, seed) victim against every defense; write the reports to ``out_dir`` if given."""
+    from . import reports
+
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    landscape = None
+    for attack in config.attacks:
+        for rate in config.rates:
+            for seed in config.seeds:
+                setup, victim_rows = run_victim(config, attack, rate, seed, log)
+                rows.extend(victim_rows)
+                if config.landscape and landscape is None:
+                    tsc_config = config.defense_config("tsc") or TSCConfig(progress=False, warn_below_steps=0)
+                    if isinstance(tsc_config, dict):
+                        tsc_config = TSCConfig(**{"progress": False, "warn_below_steps": 0, **tsc_config})
+                    landscape = landscape_curves(setup, setup.clean_subset(config.clean_fraction, seed=seed),
+                                                 tsc_config, config.landscape_points)
+    result = SuiteResult(rows, landscape, config, seconds=time.perf_counter() - started)
+    if out_dir is not None:
+        result.files = reports.write_suite_reports(result, Path(out_dir))
+    return result
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
