@@ -1,2 +1,65 @@
+// Dense linear assignment (Jonker & Volgenant 1987), float32 and float64, read in place.
 #pragma once
-// placeholder, replaced by the solver
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+
+namespace tsc_fast {
+
+// A read-only view of a dense cost matrix: entry (i, j) lives at data[i * row_stride + j * col_stride].
+// Strides count elements and may be zero or negative, so C-ordered, Fortran-ordered, transposed, sliced and
+// broadcast arrays are all read where they lie.
+template <typename T>
+struct CostView {
+    const T* data;
+    std::ptrdiff_t rows;
+    std::ptrdiff_t cols;
+    std::ptrdiff_t row_stride;
+    std::ptrdiff_t col_stride;
+};
+
+// No complete assignment avoids the forbidden (infinite) entries. Derives from invalid_argument so that
+// pybind11 raises it as ValueError.
+struct InfeasibleError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// An entry is NaN or the disallowed infinity (only when SolveOptions::check_entries is set). The message
+// names the first such entry in row-major order, e.g. "cost[2, 3] is nan: NaN and -inf are not allowed
+// when minimising (+inf marks a forbidden pair)".
+struct InvalidEntryError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// Tuning of the solver; the defaults are what the benchmarks chose. Tests lower them to exercise the
+// candidate phase (see jv.cpp) on small matrices.
+struct SolveOptions {
+    std::int64_t sparse_min_cols = 1024;  // use candidate edges from this many columns on
+    std::int32_t candidates = 0;          // candidate edges per row to start with (1 to 256; 0: by size)
+    bool check_entries = false;           // raise InvalidEntryError on NaN or the disallowed infinity; on
+                                          // square matrices this rides along the first pass, for free
+};
+
+// Finds the first entry, in row-major order, that no solve accepts: NaN, or the infinity that would be a
+// prize rather than a ban (-inf when minimising, +inf when maximising). Returns false when there is none.
+template <typename T>
+bool find_invalid_entry(const CostView<T>& cost, bool maximize, std::ptrdiff_t& row, std::ptrdiff_t& col);
+
+// Optimal assignment: minimises (or maximises) the summed cost over assigned pairs, assigning
+// min(rows, cols) pairs. Writes col_for_row[i] for every row; -1 marks a row left unassigned (only when rows
+// outnumber columns). Forbidden pairs are +inf (minimise) or -inf (maximise). Entries must have passed
+// find_invalid_entry. Throws InfeasibleError when every complete assignment uses a forbidden pair.
+// Extra memory: O(rows + cols); the matrix is never copied.
+template <typename T>
+void solve_assignment(const CostView<T>& cost, bool maximize, std::int64_t* col_for_row,
+                      const SolveOptions& options = SolveOptions{});
+
+extern template bool find_invalid_entry<float>(const CostView<float>&, bool, std::ptrdiff_t&, std::ptrdiff_t&);
+extern template bool find_invalid_entry<double>(const CostView<double>&, bool, std::ptrdiff_t&, std::ptrdiff_t&);
+extern template void solve_assignment<float>(const CostView<float>&, bool, std::int64_t*,
+                                             const SolveOptions&);
+extern template void solve_assignment<double>(const CostView<double>&, bool, std::int64_t*,
+                                              const SolveOptions&);
+
+}  // namespace tsc_fast

@@ -1,0 +1,412 @@
+"""tsc_fast.assign and the native Jonker-Volgenant solver, checked against scipy.optimize.linear_sum_assignment."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+from tsc_fast import _jv, assign
+
+INFEASIBLE = "infeasible"
+
+
+def scipy_total(cost, maximize=False):
+    """scipy's optimum, or None when scipy finds the matrix infeasible."""
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.size == 0:
+        return 0.0
+    try:
+        rows, cols = linear_sum_assignment(cost, maximize=maximize)
+    except ValueError:
+        return None
+    return float(cost[rows, cols].sum())
+
+
+def assert_optimal(cost, perm, maximize=False):
+    """perm is a valid assignment of cost whose total equals scipy's optimum (relative 1e-12)."""
+    cost64 = np.asarray(cost, dtype=np.float64)
+    n_rows, n_cols = cost64.shape
+    assert perm.dtype == np.int64 and perm.shape == (n_rows,)
+    assigned = perm[perm >= 0]
+    assert assigned.size == min(n_rows, n_cols)
+    assert np.unique(assigned).size == assigned.size
+    assert assigned.size == 0 or assigned.max() < n_cols
+    expected = scipy_total(cost64, maximize)
+    assert expected is not None
+    total = assign.assignment_cost(cost64, perm)
+    assert total == pytest.approx(expected, rel=1e-12, abs=1e-300)
+
+
+# ---- random matrices ----
+
+@st.composite
+def cost_matrices(draw, max_side=40):
+    n_rows = draw(st.integers(0, max_side))
+    n_cols = draw(st.integers(0, max_side))
+    seed = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from(["uniform", "integers", "ties", "equal", "offset", "forbidden"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(seed)
+    shape = (n_rows, n_cols)
+    if kind == "uniform":
+        cost = rng.standard_normal(shape)
+    elif kind == "integers":
+        cost = rng.integers(-50, 50, shape).astype(float)
+    elif kind == "ties":
+        cost = rng.integers(0, 3, shape).astype(float)
+    elif kind == "equal":
+        cost = np.full(shape, 2.5)
+    elif kind == "offset":
+        cost = 1000.0 + rng.random(shape)
+    else:
+        cost = rng.random(shape)
+        cost[rng.random(shape) < draw(st.floats(0.0, 0.8))] = np.inf
+    return cost.astype(dtype)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cost=cost_matrices(), maximize=st.booleans())
+def test_matches_scipy_on_random_matrices(cost, maximize):
+    if maximize:
+        cost = -cost   # forbidden pairs are -inf when maximising
+    expected = scipy_total(cost, maximize)
+    if expected is None:
+        with pytest.raises(ValueError, match=INFEASIBLE):
+            assign.solve(cost, maximize=maximize)
+        return
+    assert_optimal(cost, assign.solve(cost, maximize=maximize), maximize)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cost=cost_matrices(max_side=12), maximize=st.booleans(), candidates=st.integers(1, 3))
+def test_candidate_phase_on_small_matrices(cost, maximize, candidates):
+    """The candidate-edge phase (normally from 256 columns on) with very few candidates, so that its
+    verification, its re-rounds, the rectangular column reset and the dense fallback all get exercised."""
+    if maximize:
+        cost = -cost
+    expected = scipy_total(cost, maximize)
+    if expected is None:
+        with pytest.raises(ValueError, match=INFEASIBLE):
+            _jv.solve(cost, maximize, sparse_min_cols=1, candidates=candidates)
+        return
+    assert_optimal(cost, _jv.solve(cost, maximize, sparse_min_cols=1, candidates=candidates), maximize)
+
+
+def correlation_like(rng, n_rows, n_cols, kind):
+    """Costs shaped like TSC's: low-rank feature correlations plus estimation noise."""
+    loadings = rng.standard_normal((8, max(n_rows, n_cols))) / np.sqrt(8)
+    corr = loadings[:, :n_rows].T @ loadings[:, :n_cols]
+    corr /= np.abs(corr).max()
+    corr += rng.standard_normal((n_rows, n_cols)) * 0.02
+    if kind == "near_tie":
+        corr = rng.standard_normal((n_rows, n_cols)) * 0.01
+        rows = rng.choice(n_rows, n_rows // 2, replace=False)
+        corr[rows, rng.integers(0, n_cols, rows.size)] += 0.1
+    return corr
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (280, 420), (420, 280)])
+@pytest.mark.parametrize("kind", ["unalign", "near_tie"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matches_scipy_on_large_correlation_matrices(shape, kind, dtype):
+    rng = np.random.default_rng(sum(shape) + len(kind))
+    cost = correlation_like(rng, *shape, kind).astype(dtype)
+    assert_optimal(cost, assign.solve(cost))
+    assert_optimal(cost, assign.solve(cost, maximize=True), maximize=True)
+    # the candidate-edge phase, which the default only uses from 1024 columns on
+    assert_optimal(cost, _jv.solve(cost, False, sparse_min_cols=1))
+    assert_optimal(cost, _jv.solve(cost, True, sparse_min_cols=1), maximize=True)
+
+
+def test_dense_and_candidate_phases_agree_at_size():
+    cost = correlation_like(np.random.default_rng(7), 300, 300, "unalign")
+    dense = _jv.solve(cost, False, sparse_min_cols=10**9)
+    with_candidates = _jv.solve(cost, False, sparse_min_cols=1)
+    assert assign.assignment_cost(cost, dense) == pytest.approx(assign.assignment_cost(cost, with_candidates),
+                                                                rel=1e-12)
+    assert_optimal(cost, dense)
+
+
+# ---- shapes, layouts, dtypes, containers ----
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+@pytest.mark.parametrize("shape, expected", [((0, 0), []), ((0, 4), []), ((3, 0), [-1, -1, -1])])
+def test_empty_matrices(backend, shape, expected):
+    perm = assign.solve(np.zeros(shape), backend=backend)
+    assert perm.dtype == np.int64 and perm.tolist() == expected
+
+
+def test_layouts_and_containers_give_the_optimum(rng):
+    base = rng.standard_normal((37, 53))
+    views = {
+        "fortran": np.asfortranarray(base),
+        "transposed": base.T,
+        "reversed": base[::-1, ::-1],
+        "sliced": np.asfortranarray(rng.standard_normal((80, 120)))[::2, 1::3],
+        "broadcast": np.broadcast_to(rng.random(41), (29, 41)),
+        "big_endian": base.astype(">f8"),
+        "float16": base.astype(np.float16),
+        "int": (base * 10).astype(np.int32),
+        "bool": base > 0,
+        "list": base[:9, :7].tolist(),
+        "readonly_f32": np.require(base.astype(np.float32), requirements=["W"]),
+    }
+    views["readonly_f32"].flags.writeable = False
+    for name, cost in views.items():
+        matrix = np.asarray(cost, dtype=np.float64)
+        perm = assign.solve(cost)
+        assert_optimal(matrix, perm)
+
+
+def test_torch_tensors(rng):
+    base = rng.standard_normal((25, 31))
+    tensors = [torch.tensor(base), torch.tensor(base, dtype=torch.float32, requires_grad=True),
+               torch.tensor(base).T, torch.tensor(base, dtype=torch.bfloat16), torch.tensor(base * 5).int()]
+    for tensor in tensors:
+        expected = tensor.detach().double().numpy()
+        assert_optimal(expected, assign.solve(tensor))
+        assert_optimal(expected, assign.solve(tensor, maximize=True), maximize=True)
+    stack = torch.tensor(rng.standard_normal((3, 10, 10)))
+    for cost, perm in zip(stack, assign.solve_many(stack, threads=2)):
+        assert_optimal(cost.numpy(), perm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensor_is_copied_to_cpu(rng):
+    cost = torch.tensor(rng.standard_normal((20, 20)), device="cuda")
+    assert_optimal(cost.cpu().numpy(), assign.solve(cost))
+
+
+def test_float32_is_solved_in_its_own_precision():
+    # Entries that differ only in float32 rounding: the answer must be optimal for the float32 values.
+    rng = np.random.default_rng(3)
+    cost = (1.0 + rng.random((60, 60)) * 1e-6).astype(np.float32)
+    assert_optimal(cost, assign.solve(cost))
+
+
+# ---- magnitudes and structured matrices ----
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-150, 1e-5, 1.0, 1e6, 1e12])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_extreme_magnitudes(scale, dtype):
+    if dtype is np.float32 and not 1e-30 < scale < 1e30:
+        pytest.skip("outside float32's range")
+    rng = np.random.default_rng(int(np.log10(scale)) + 400)
+    for shape in [(40, 40), (300, 300), (30, 50)]:
+        cost = (rng.random(shape) * scale).astype(dtype)
+        assert_optimal(cost, assign.solve(cost))
+
+
+def test_offsets_and_mixed_signs():
+    rng = np.random.default_rng(11)
+    for cost in [1000.0 + rng.random((300, 300)), rng.standard_normal((300, 300)) * 1e3 - 5e2,
+                 1e9 + rng.integers(0, 5, (200, 200)).astype(float)]:
+        assert_optimal(cost, assign.solve(cost))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_additive_matrix_at_1000(dtype):
+    # c[i, j] = a[i] + b[j]: every assignment is optimal up to rounding, which classic codes chase for seconds.
+    rng = np.random.default_rng(5)
+    cost = (rng.random(1000)[:, None] + rng.random(1000)[None, :]).astype(dtype)
+    assert_optimal(cost, assign.solve(cost))
+
+
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_all_equal_matrix_at_1000(n):
+    cost = np.full((n, n), 0.75, dtype=np.float32)
+    perm = assign.solve(cost)
+    assert sorted(perm.tolist()) == list(range(n))
+    assert assign.assignment_cost(cost, perm) == 0.75 * n
+
+
+def test_maximize_is_minimize_of_the_negation(rng):
+    cost = rng.standard_normal((45, 60))
+    assert assign.assignment_cost(cost, assign.solve(cost, maximize=True)) == pytest.approx(
+        -assign.assignment_cost(-cost, assign.solve(-cost)), rel=1e-12)
+
+
+# ---- termination on rounding ties ----
+
+# Built by a random search over 3x3 and 4x4 matrices mixing small integers with 1e17 (where a double's
+# spacing is 16): classic JV (column reduction, reduction transfer, then augmenting row reduction that
+# re-examines an evicted row whenever its best reduced cost is strictly below its second best) never ends
+# on it, because lowering v[j] = 1e17 by 2 rounds back to 1e17 and the two identical rows evict each other
+# forever. naive_arr_steps below is that classic loop; the test first confirms it cycles.
+CYCLING = np.array([[0.0, 1e17, 2.0],
+                    [2.0, 1e17, 1e17],
+                    [2.0, 1e17, 1e17]])
+
+
+def naive_arr_steps(cost, cap=10_000):
+    n = cost.shape[0]
+    v = cost.min(axis=0)
+    x, y = np.full(n, -1), np.full(n, -1)
+    wins = np.zeros(n, int)
+    for j in range(n - 1, -1, -1):
+        i = cost[:, j].argmin()
+        wins[i] += 1
+        if wins[i] == 1:
+            x[i], y[j] = j, i
+    free = []
+    for i in range(n):
+        if wins[i] == 0:
+            free.append(i)
+        elif wins[i] == 1:
+            reduced = cost[i] - v
+            reduced[x[i]] = np.inf
+            v[x[i]] -= reduced.min()
+    steps = 0
+    for _ in range(2):
+        k, deferred = 0, []
+        while k < len(free):
+            i = free[k]
+            k += 1
+            steps += 1
+            if steps >= cap:
+                return steps
+            reduced = cost[i] - v
+            j1, j2 = np.argsort(reduced, kind="stable")[:2]
+            u1, u2 = reduced[j1], reduced[j2]
+            evicted = y[j1]
+            if u1 < u2:
+                v[j1] -= u2 - u1
+            elif evicted >= 0:
+                j1, evicted = j2, y[j2]
+            if evicted >= 0:
+                x[evicted] = -1
+                if u1 < u2:
+                    k -= 1
+                    free[k] = evicted
+                else:
+                    deferred.append(evicted)
+            x[i], y[j1] = j1, i
+        free = deferred
+    return steps
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rounding_cycle_of_classic_arr_terminates_with_the_optimum(dtype):
+    cost = CYCLING.astype(dtype)
+    assert naive_arr_steps(cost.astype(np.float64)) >= 10_000   # the classic loop does cycle here
+    for backend in ["native", "scipy"]:
+        assert_optimal(cost, assign.solve(cost, backend=backend))
+    assert_optimal(cost, _jv.solve(cost, False, sparse_min_cols=1, candidates=1))
+    big = np.kron(np.eye(100), cost.astype(np.float64)) + np.kron(1 - np.eye(100), np.full((3, 3), 3e17))
+    assert_optimal(big, assign.solve(big))
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+def test_invalid_entries_are_named(backend):
+    cost = np.zeros((4, 5))
+    cost[2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"cost\[2, 3\] is nan"):
+        assign.solve(cost, backend=backend)
+    cost[2, 3] = -np.inf
+    with pytest.raises(ValueError, match=r"cost\[2, 3\] is -inf.*minimising"):
+        assign.solve(cost, backend=backend)
+    cost[2, 3] = np.inf
+    with pytest.raises(ValueError, match=r"cost\[2, 3\] is inf.*maximising"):
+        assign.solve(cost, maximize=True, backend=backend)
+    several = np.asfortranarray(np.zeros((5, 5)))
+    several[3, 0] = several[1, 4] = np.nan   # the first in row-major order is named, whatever the layout
+    with pytest.raises(ValueError, match=r"cost\[1, 4\] is nan"):
+        assign.solve(several, backend=backend)
+    cost32 = np.zeros((3, 3), np.float32)
+    cost32[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"cost\[0, 1\]"):
+        assign.solve(cost32.T, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+def test_infeasible_matrices(backend):
+    inf = np.inf
+    for cost, maximize in [
+        (np.array([[inf, inf], [1.0, 2.0]]), False),            # a row with no allowed column
+        (np.array([[inf, 1.0], [inf, 2.0]]), False),            # a column no row may take
+        (np.array([[1.0, inf, inf], [2.0, inf, inf], [3.0, 4.0, 5.0]]), False),   # two rows, one column
+        (np.array([[-inf, 1.0], [-inf, 2.0]]), True),           # maximising: -inf is forbidden
+        (np.full((3, 5), inf), False),
+    ]:
+        with pytest.raises(ValueError, match=INFEASIBLE):
+            assign.solve(cost, maximize=maximize, backend=backend)
+    feasible = np.array([[inf, 1.0], [2.0, inf]])
+    assert assign.solve(feasible, backend=backend).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+def test_bad_shapes_and_types(backend):
+    for cost in [np.zeros(3), np.zeros((2, 2, 2)), np.float64(1.0)]:
+        with pytest.raises(ValueError, match="2-D"):
+            assign.solve(cost, backend=backend)
+    with pytest.raises(TypeError, match="real"):
+        assign.solve(np.zeros((2, 2), complex), backend=backend)
+    with pytest.raises(TypeError, match="numeric"):
+        assign.solve([["a", "b"], ["c", "d"]], backend=backend)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        assign.solve(np.zeros((2, 2)), backend="fast")
+    for threads in [0, -1, 1.5, "2", True]:
+        with pytest.raises(ValueError, match="threads"):
+            assign.solve_many([np.zeros((2, 2))], threads=threads)
+    with pytest.raises(ValueError, match=r"costs\[1\]: cost must be a 2-D"):
+        assign.solve_many([np.zeros((2, 2)), np.zeros(2)])
+    with pytest.raises(ValueError, match=r"costs\[2\]: cost\[0, 0\] is nan"):
+        assign.solve_many([np.zeros((2, 2)), np.zeros((2, 2)), np.full((2, 2), np.nan)])
+    with pytest.raises(ValueError, match=r"costs\[1\]: cost matrix is infeasible"):
+        assign.solve_many([np.zeros((2, 2)), np.full((2, 2), np.inf)], threads=2)
+
+
+def test_assignment_cost_checks_the_permutation():
+    cost = np.arange(12.0).reshape(3, 4)
+    assert assign.assignment_cost(cost, np.array([3, 0, 1])) == 3.0 + 4.0 + 9.0
+    assert assign.assignment_cost(cost.T, np.array([1, -1, 0, 2])) == 4.0 + 2.0 + 11.0
+    for perm, message in [([0, 1], "one entry per row"), ([0, 0, 1], "more than one row"),
+                          ([0, 1, 4], "outside"), ([0, 1, -2], "outside"), ([0.0, 1.0, 2.0], "integer")]:
+        with pytest.raises(ValueError, match=message):
+            assign.assignment_cost(cost, np.array(perm))
+
+
+# ---- backends and threads ----
+
+@settings(max_examples=40, deadline=None)
+@given(cost=cost_matrices(max_side=25), maximize=st.booleans())
+def test_backends_agree(cost, maximize):
+    if maximize:
+        cost = -cost
+    results = {}
+    for backend in ["native", "scipy", "lap"]:
+        try:
+            results[backend] = assign.assignment_cost(cost, assign.solve(cost, maximize, backend))
+        except ValueError as error:
+            results[backend] = str(error)
+    assert isinstance(results["native"], str) == isinstance(results["scipy"], str) == isinstance(results["lap"], str)
+    if isinstance(results["native"], str):
+        assert results["native"] == results["scipy"] == results["lap"]
+    else:
+        assert results["scipy"] == pytest.approx(results["native"], rel=1e-12, abs=1e-300)
+        assert results["lap"] == pytest.approx(results["native"], rel=1e-9, abs=1e-300)
+
+
+def test_solve_many_on_threads_equals_sequential_solves(rng):
+    costs = []
+    for k in range(24):
+        shape = (int(rng.integers(1, 300)), int(rng.integers(1, 300)))
+        cost = rng.standard_normal(shape).astype([np.float32, np.float64][k % 2])
+        costs.append(cost if k % 3 else np.asfortranarray(cost))
+    sequential = [assign.solve(cost) for cost in costs]
+    for threads in [None, 1, 3, 8, 64]:
+        parallel = assign.solve_many(costs, threads=threads)
+        assert len(parallel) == len(costs)
+        for got, want in zip(parallel, sequential):
+            np.testing.assert_array_equal(got, want)
+    for backend in ["scipy", "lap"]:
+        totals = [assign.assignment_cost(c, p) for c, p in zip(costs, assign.solve_many(costs, backend=backend))]
+        assert totals == pytest.approx([assign.assignment_cost(c, p) for c, p in zip(costs, sequential)],
+                                       rel=1e-9)
+    assert assign.solve_many([]) == []
