@@ -79,20 +79,6 @@ struct InvalidEntryFound {};   // thrown by phase 1, turned into InvalidEntryErr
 const char* const kInfeasible =
     "cost matrix is infeasible: every complete assignment uses a forbidden (infinite) entry";
 
-// Keeps (first, second) the two smallest values seen, a value equal to `first` counting as second.
-void keep_two_smallest(simd::TwoSmallest& m, double value, Index col) {
-    if (!(value < m.second)) return;
-    if (value < m.first) {
-        m.second = m.first;
-        m.second_col = m.first_col;
-        m.first = value;
-        m.first_col = col;
-    } else {
-        m.second = value;
-        m.second_col = col;
-    }
-}
-
 template <typename T>
 class JonkerVolgenant {
   public:
@@ -181,7 +167,7 @@ class JonkerVolgenant {
     simd::TwoSmallest row_minima(Index i, Scope scope) {
         if (scope == Scope::Dense) return simd::two_smallest(row(i), sign_, v_.data(), cols_);
         simd::TwoSmallest m{kInf, kInf, kNone, kNone};
-        for (const Edge& e : candidates_[i]) keep_two_smallest(m, e.cost - v_[e.col], e.col);
+        for (const Edge& e : candidates_[i]) simd::keep_two_smallest(m, e.cost - v_[e.col], e.col);
         return m;
     }
 

@@ -53,20 +53,6 @@ TSC_FAST_INLINE double lane_min(d4 x) {
     return a < b ? a : b;
 }
 
-// Keeps (first, second) the two smallest values seen, a value equal to `first` counting as second.
-TSC_FAST_INLINE void push(TwoSmallest& m, double value, std::int32_t col) {
-    if (!(value < m.second)) return;
-    if (value < m.first) {
-        m.second = m.first;
-        m.second_col = m.first_col;
-        m.first = value;
-        m.first_col = col;
-    } else {
-        m.second = value;
-        m.second_col = col;
-    }
-}
-
 template <typename T>
 TSC_FAST_INLINE TwoSmallest two_smallest_impl(const T* c, double sign, const double* v, std::int32_t n) {
     // Each lane keeps its own two smallest; the overall two smallest are among them.
@@ -87,10 +73,10 @@ TSC_FAST_INLINE TwoSmallest two_smallest_impl(const T* c, double sign, const dou
     }
     TwoSmallest m{kInf, kInf, -1, -1};
     for (int lane = 0; lane < kLanes; ++lane) {
-        if (first_col[lane] >= 0) push(m, first[lane], static_cast<std::int32_t>(first_col[lane]));
-        if (second_col[lane] >= 0) push(m, second[lane], static_cast<std::int32_t>(second_col[lane]));
+        if (first_col[lane] >= 0) keep_two_smallest(m, first[lane], static_cast<std::int32_t>(first_col[lane]));
+        if (second_col[lane] >= 0) keep_two_smallest(m, second[lane], static_cast<std::int32_t>(second_col[lane]));
     }
-    for (; j < n; ++j) push(m, sign * static_cast<double>(c[j]) - v[j], j);
+    for (; j < n; ++j) keep_two_smallest(m, sign * static_cast<double>(c[j]) - v[j], j);
     return m;
 }
 

@@ -19,6 +19,20 @@ struct TwoSmallest {
     std::int32_t second_col;
 };
 
+// Keeps (first, second) the two smallest values seen, a value equal to `first` counting as second.
+inline void keep_two_smallest(TwoSmallest& m, double value, std::int32_t col) {
+    if (!(value < m.second)) return;
+    if (value < m.first) {
+        m.second = m.first;
+        m.second_col = m.first_col;
+        m.first = value;
+        m.first_col = col;
+    } else {
+        m.second = value;
+        m.second_col = col;
+    }
+}
+
 // The two smallest reduced costs sign * c[j] - v[j] of the row, with their columns (-1 when n < 2).
 TwoSmallest two_smallest(const float* c, double sign, const double* v, std::int32_t n);
 TwoSmallest two_smallest(const double* c, double sign, const double* v, std::int32_t n);
