@@ -13,7 +13,6 @@ wall-clock times on a shared machine scale with it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,15 +24,7 @@ import torchvision
 
 from tsc_fast.backdoor.models import PreActResNet18
 from tsc_fast.spec import check_invariance, discover, forward_with_taps
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import append_json_record, median_seconds
 
 
 def randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -156,14 +147,10 @@ def main() -> None:
         rows.append(bench_taps(args.repeats))
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "load_average_1min": os.getloadavg()[0], "rows": rows}
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=1))
-    print(f"appended to {out}")
+    append_json_record(out, record)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _common import append_json_record
 
 MODES = ("plain", "self", "cross_auto", "cross_whole_batch")
 
@@ -94,13 +95,9 @@ def main() -> None:
             row["peak_vs_plain"] = row["peak_mib"] / plain["peak_mib"]
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "tag": args.tag, "model": args.model, "batch": args.batch,
               "size": args.size, "machine": platform.processor() or platform.machine(), "rows": rows}
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=1))
-    print(f"appended to {out}")
+    append_json_record(out, record)
 
 
 if __name__ == "__main__":

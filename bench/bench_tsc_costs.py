@@ -15,8 +15,6 @@ import argparse
 import csv
 import json
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,20 +26,10 @@ from tsc_fast import discover
 from tsc_fast.backdoor.models import build_model
 from tsc_fast.curve import BezierCurve, cross_entropy_loss, recalibrate_bn
 from tsc_fast.stats import cross_correlations, self_correlations
+from _common import median_seconds
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"stats_unalign": 1.3, "stats_realign": 1.3, "curve_step": 1.1, "bn_recalibration": 1.1}
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(name: str):
@@ -108,13 +96,14 @@ def main() -> None:
 
     point = curve.point(0.4)
     timings = {
-        "inference_pass": median_seconds(inference_pass, args.repeats),
-        "two_inference_passes": median_seconds(two_inference_passes, args.repeats),
+        "inference_pass": median_seconds(inference_pass, args.repeats, warmup=1),
+        "two_inference_passes": median_seconds(two_inference_passes, args.repeats, warmup=1),
         "train_step": median_seconds(plain_step, args.repeats, warmup=2),
-        "stats_unalign": median_seconds(lambda: self_correlations(model, spec, loader), args.repeats),
-        "stats_realign": median_seconds(lambda: cross_correlations(model, other, spec, loader), args.repeats),
+        "stats_unalign": median_seconds(lambda: self_correlations(model, spec, loader), args.repeats, warmup=1),
+        "stats_realign": median_seconds(lambda: cross_correlations(model, other, spec, loader), args.repeats,
+                                        warmup=1),
         "curve_step": median_seconds(curve_step, args.repeats, warmup=2),
-        "bn_recalibration": median_seconds(lambda: recalibrate_bn(point, loader), args.repeats),
+        "bn_recalibration": median_seconds(lambda: recalibrate_bn(point, loader), args.repeats, warmup=1),
     }
     anchors = {"stats_unalign": "inference_pass", "stats_realign": "two_inference_passes",
                "curve_step": "train_step", "bn_recalibration": "inference_pass"}
