@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import assign
+from . import distributed as ddp
 from .batches import batch_inputs, to_device
 from .modes import eval_mode
 from .spec import PermutationSpec, head_permutation, permute
@@ -126,7 +127,9 @@ def _align(model: nn.Module, spec: PermutationSpec, gather_costs, maximize: bool
     t0 = time.perf_counter()
     costs = gather_costs()
     t1 = time.perf_counter()
-    perms = _solve_groups(costs, spec, maximize=maximize, backend=backend)
+    # costs are pooled over all ranks, so one rank solves and the others receive the answer
+    perms = ddp.broadcast_object(_solve_groups(costs, spec, maximize=maximize, backend=backend)
+                                 if ddp.is_main() else None)
     t2 = time.perf_counter()
     permuted = permute(model, spec, perms)
     t3 = time.perf_counter()

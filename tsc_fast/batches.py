@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import ShardedBatchSampler
+
 
 def dataset_size(data: Dataset | DataLoader) -> int:
     """Number of examples behind a Dataset or DataLoader (ValueError when it has no length)."""
@@ -20,11 +22,16 @@ def dataset_size(data: Dataset | DataLoader) -> int:
 
 def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: int = 0,
                 drop_last: bool = False) -> Iterable[Any]:
-    """A loader over ``data``. A user's DataLoader is used as given (its batching and sampling are respected)."""
+    """A loader over ``data``. A user's DataLoader is used as given (its batching and sampling are respected).
+
+    Datasets are batched by :class:`~tsc_fast.distributed.ShardedBatchSampler`: each epoch's order follows from
+    ``seed`` and the epoch number alone (resumable), and under torch.distributed each process gets its share of
+    every global batch.
+    """
     if isinstance(data, DataLoader):
         return data
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+    sampler = ShardedBatchSampler(dataset_size(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(data, batch_sampler=sampler)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -48,18 +55,25 @@ def default_shift(image_size: int) -> int:
     return max(1, round(image_size * 4 / 32))
 
 
-def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
+                     shard: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Shift each image of an (N, C, H, W) batch by up to ``max_shift`` pixels in each direction, zero fill.
 
     Equivalent to RandomCrop(size, padding=max_shift) applied per image, but as one batched gather.
+    ``shard=(rank, world, global_n)``: ``x`` holds positions ``rank::world`` of a global batch of ``global_n``;
+    shifts are drawn for the whole global batch and this shard's are used (the same images move the same way
+    however the batch is split).
     """
     if max_shift <= 0 or x.dim() != 4:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift))
     span = 2 * max_shift + 1
-    dy = torch.randint(0, span, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, span, (n,), generator=generator).to(x.device)
+    rank, world, total = shard if shard is not None else (0, 1, n)
+    dy = torch.randint(0, span, (total,), generator=generator)[rank::world].to(x.device)
+    dx = torch.randint(0, span, (total,), generator=generator)[rank::world].to(x.device)
+    if len(dy) != n:
+        raise ValueError(f"shard {shard} selects {len(dy)} of the global batch's shifts for {n} images")
     rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
     samples = torch.arange(n, device=x.device)[:, None, None, None]
@@ -67,14 +81,15 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
     return padded[samples, channels, rows, cols]
 
 
-def augment_batch(batch: Any, max_shift: int, generator: torch.Generator | None = None) -> Any:
+def augment_batch(batch: Any, max_shift: int, generator: torch.Generator | None = None,
+                  shard: tuple[int, int, int] | None = None) -> Any:
     """Randomly translate the images of an (x, y, ...) batch; anything that is not an image batch passes through."""
     if max_shift <= 0 or not isinstance(batch, (list, tuple)) or not batch:
         return batch
     x = batch[0]
     if not (torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point()):
         return batch
-    return type(batch)([random_translate(x, max_shift, generator), *batch[1:]])
+    return type(batch)([random_translate(x, max_shift, generator, shard), *batch[1:]])
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False) -> int:

@@ -55,14 +55,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_purify(args: argparse.Namespace) -> int:
-    from .purify_cli import purify_checkpoint
+    from . import distributed
+    from .purify_cli import purify_checkpoint, save_run_arguments
 
+    if args.resume is not None:
+        args = _resumed_arguments(args)
+    missing = [f"--{name}" for name in ("model", "arch", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --resume OUT of an interrupted run)")
+    distributed.init_from_environment()  # under torchrun: join the process group
+    checkpoints = None if args.no_checkpoints else args.out / "checkpoints"
+    if args.resume is None and distributed.is_main():
+        save_run_arguments(args.out, args.argv)
     report = purify_checkpoint(model_path=args.model, arch=args.arch, data=args.data, out_dir=args.out,
                                attack=args.attack, target=args.target, clean_fraction=args.clean_fraction,
-                               seed=args.seed, config=_config_from_args(args))
-    print(report["text"])
-    _write_json(args.json, {k: v for k, v in report.items() if k != "text"})
+                               seed=args.seed, config=_config_from_args(args), checkpoint_dir=checkpoints,
+                               resume=args.resume is not None, checkpoint_interval_s=args.checkpoint_interval)
+    if distributed.is_main():
+        print(report["text"])
+        _write_json(args.json, {k: v for k, v in report.items() if k != "text"})
     return 0
+
+
+def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The interrupted run's own arguments (from OUT/run.json), plus this call's --json and --no-progress."""
+    from .purify_cli import load_run_arguments
+
+    stored = load_run_arguments(args.resume)
+    extra = (["--no-progress"] if args.no_progress else []) + (["--json", str(args.json)] if args.json else [])
+    resumed = build_parser().parse_args(["purify", *stored, *extra])
+    for name in ("model", "arch", "data", "out"):
+        given, kept = getattr(args, name), getattr(resumed, name)
+        if given is not None and name != "data" and Path(given) != Path(kept):
+            raise ValueError(f"--{name} {given} differs from the interrupted run's {kept}; --resume continues "
+                             f"that run with its own arguments")
+    resumed.argv, resumed.resume = stored, args.resume
+    return resumed
 
 
 def _tsc_overrides(args: argparse.Namespace) -> dict:
@@ -131,6 +159,16 @@ def _cmd_bench_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_merge(args: argparse.Namespace) -> int:
+    from .suite import merge_suite_runs
+
+    result = merge_suite_runs(args.folders, args.out)
+    commands = [(Path(f) / "command.txt").read_text().strip() for f in args.folders if (Path(f) / "command.txt").is_file()]
+    (args.out / "command.txt").write_text("\n".join(commands + ["tsc-fast " + " ".join(args.argv)]) + "\n")
+    print(Path(result.files["markdown"]).read_text())
+    return 0
+
+
 def _add_bench_tsc_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TSC settings (defaults: TSCConfig(); with --quick: 1 round, 60 steps)")
     group.add_argument("--rounds", type=int)
@@ -166,6 +204,10 @@ def _add_bench_commands(commands) -> None:
     ablate.add_argument("--sweeps", default="all", help="comma list or 'all'")
     _add_bench_tsc_options(ablate)
     ablate.set_defaults(run=_cmd_bench_ablate)
+    merge = kinds.add_parser("merge", help="one suite report from several suite runs (e.g. one process per rate)")
+    merge.add_argument("folders", nargs="+", type=Path, help="output folders of `tsc-fast bench suite` runs")
+    merge.add_argument("--out", type=Path, required=True, help="folder of the merged report")
+    merge.set_defaults(run=_cmd_bench_merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,14 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tsc_options(demo)
     demo.set_defaults(run=_cmd_demo)
 
-    purify = commands.add_parser("purify", help="purify a checkpoint with clean data")
-    purify.add_argument("--model", type=Path, required=True, help="checkpoint (.safetensors, or a torch file "
-                        "loaded with weights_only=True)")
-    purify.add_argument("--arch", required=True, help="architecture name: mlp, cnn, preact_resnet18")
+    purify = commands.add_parser("purify", help="purify a checkpoint with clean data (resumable)")
+    purify.add_argument("--model", type=Path, help="checkpoint (.safetensors, or a torch file loaded with "
+                        "weights_only=True)")
+    purify.add_argument("--arch", help="architecture name: mlp, cnn, preact_resnet18")
     purify.add_argument("--data", default="digits", help="dataset name (digits)")
-    purify.add_argument("--out", type=Path, required=True, help="output folder")
+    purify.add_argument("--out", type=Path, help="output folder (purified model, run.json, checkpoints/)")
     purify.add_argument("--attack", help="if the trigger is known (badnets, blended): also report ASR and RA")
     purify.add_argument("--target", type=int, default=0, help="attack target class, with --attack")
+    purify.add_argument("--resume", type=Path, metavar="OUT", help="continue the interrupted run whose output "
+                        "folder is OUT, with that run's arguments; the result equals an uninterrupted run's")
+    purify.add_argument("--checkpoint-interval", type=float, default=300.0, metavar="SECONDS",
+                        help="inside a curve or fine-tune, checkpoint after the epoch in which this much time has "
+                        "passed (default 300; a checkpoint follows every stage regardless)")
+    purify.add_argument("--no-checkpoints", action="store_true", help="write no checkpoints (cannot resume)")
     _add_tsc_options(purify)
     purify.set_defaults(run=_cmd_purify)
     _add_bench_commands(commands)
@@ -197,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
         print(f"tsc-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,8 @@ from torch.func import functional_call
 from .batches import batch_inputs, to_device
 from .kernels.bezier import bezier_point
 from .modes import eval_mode
-from .training import optimise
+from . import distributed as ddp
+from .training import LoopState, optimise
 
 LossFn = Callable[[Callable[[torch.Tensor], torch.Tensor], Any], torch.Tensor]
 
@@ -92,37 +93,67 @@ class BezierCurve(nn.Module):
         return model
 
 
+class _CurveObjective(nn.Module):
+    """The curve's training loss as a module, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, curve: BezierCurve, loss_fn: LossFn, l2_coeff: float):
+        super().__init__()
+        self.curve, self.loss_fn, self.l2_coeff = curve, loss_fn, l2_coeff
+
+    def forward(self, batch: Any, t: float) -> torch.Tensor:
+        w = self.curve.weights(t)
+        loss = self.loss_fn(self.curve.bind(w), batch)
+        if self.l2_coeff:
+            loss = loss + 0.5 * self.l2_coeff * w.pow(2).sum()
+        return loss
+
+
+class _ModelObjective(nn.Module):
+    """A model's task loss as a module (for DistributedDataParallel)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
                 lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 5e-4, l2_coeff: float = 1e-4,
                 t_max: int | None = None, augment_shift: int = 0, seed: int = 0, device="cpu",
-                desc: str = "curve", progress: bool = True) -> list[float]:
-    """Train the middle control point: one t ~ U(0,1) per batch, loss = task loss + 0.5 * l2 * ||w(t)||^2."""
-    loss_fn = loss_fn or cross_entropy_loss
+                desc: str = "curve", progress: bool = True, resume: LoopState | None = None,
+                on_epoch_end: Callable[[LoopState], None] | None = None) -> list[float]:
+    """Train the middle control point: one t ~ U(0,1) per batch, loss = task loss + 0.5 * l2 * ||w(t)||^2.
+
+    Under torch.distributed the objective runs inside DistributedDataParallel and BatchNorm layers use global
+    batch statistics. ``resume``/``on_epoch_end``: see :func:`~tsc_fast.training.optimise`.
+    """
+    objective = ddp.wrap_for_training(_CurveObjective(curve, loss_fn or cross_entropy_loss, l2_coeff))
     curve.template.train()
 
     def step_loss(batch: Any, generator: torch.Generator) -> torch.Tensor:
-        t = float(torch.rand((), generator=generator))
-        w = curve.weights(t)
-        loss = loss_fn(curve.bind(w), batch)
-        if l2_coeff:
-            loss = loss + 0.5 * l2_coeff * w.pow(2).sum()
-        return loss
+        return objective(batch, float(torch.rand((), generator=generator)))
 
-    return optimise([curve.middle], batches, epochs, step_loss, lr=lr, momentum=momentum,
-                    weight_decay=weight_decay, t_max=t_max, augment_shift=augment_shift, seed=seed,
-                    device=device, desc=desc, progress=progress)
+    with ddp.global_batch_norm(curve.template):
+        return optimise([curve.middle], batches, epochs, step_loss, lr=lr, momentum=momentum,
+                        weight_decay=weight_decay, t_max=t_max, augment_shift=augment_shift, seed=seed,
+                        device=device, desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end)
 
 
 def finetune(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
              lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4, augment_shift: int = 0,
-             seed: int = 0, device="cpu", desc: str = "fine-tune", progress: bool = True) -> list[float]:
+             seed: int = 0, device="cpu", desc: str = "fine-tune", progress: bool = True,
+             resume: LoopState | None = None,
+             on_epoch_end: Callable[[LoopState], None] | None = None) -> list[float]:
     """Plain fine-tuning of all parameters (SGD, cosine), in train mode; the model is left in eval mode."""
-    loss_fn = loss_fn or cross_entropy_loss
+    objective = ddp.wrap_for_training(_ModelObjective(model, loss_fn or cross_entropy_loss))
     model.train()
-    losses = optimise([p for p in model.parameters() if p.requires_grad], batches, epochs,
-                      lambda batch, _: loss_fn(model, batch), lr=lr, momentum=momentum,
-                      weight_decay=weight_decay, augment_shift=augment_shift, seed=seed, device=device,
-                      desc=desc, progress=progress)
+    with ddp.global_batch_norm(model):
+        losses = optimise([p for p in model.parameters() if p.requires_grad], batches, epochs,
+                          lambda batch, _: objective(batch), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, augment_shift=augment_shift, seed=seed, device=device,
+                          desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end)
     model.eval()
     return losses
 
@@ -138,20 +169,21 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], device="cpu") -> in
     Statistics are reset, then each batch is folded in with weight proportional to its size (momentum
     n_b / n_seen), so the running mean is the exact mean over all examples and the running variance the
     size-weighted mean of the batch variances. Only BatchNorm layers run in train mode; everything else (dropout)
-    stays in eval mode. The model is left in eval mode.
+    stays in eval mode. Under torch.distributed the batches are the ranks' shares of global batches and the
+    statistics are those of the global batches. The model is left in eval mode.
     """
     norms = _batch_norms(model)
     if not norms:
         return 0
     momenta = [bn.momentum for bn in norms]
     seen = 0
-    with eval_mode(model):
+    with eval_mode(model), ddp.global_batch_norm(model):
         for bn in norms:
             bn.reset_running_stats()
             bn.train()
         for batch in batches:
             x = batch_inputs(to_device(batch, device))
-            n = len(x)
+            n = int(ddp.global_sum(len(x)))  # under torch.distributed: the global batch
             seen += n
             for bn in norms:
                 bn.momentum = n / seen

@@ -100,6 +100,43 @@ def suite_markdown(rows: Sequence[dict[str, Any]], defenses: Sequence[str]) -> s
     return "\n".join(lines) + "\n"
 
 
+def targets_markdown(rows: Sequence[dict[str, Any]], defenses: Sequence[str], asr_max: float = 15.0,
+                     drop_max: float = 3.0) -> str:
+    """Per rate and attack: each defense's mean ASR and ACC drop against the bar (ASR <= ``asr_max``, drop <=
+    ``drop_max`` points), and the defenses that clear it. Attacks that did not implant are listed but not judged."""
+    summary = {(e["attack"], e["rate"], e["defense"]): e for e in summarise(rows)}
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
+    lines = [f"### Targets: ASR <= {asr_max:g}% with an ACC drop <= {drop_max:g} points (means over seeds)", "",
+             "| rate | attack | backdoored ASR | " + " | ".join(f"{d} ASR / drop" for d in defenses)
+             + " | clear the bar |", "|---|---|---|" + "---|" * (len(defenses) + 1)]
+    met_counts = dict.fromkeys(defenses, 0)
+    judged = 0
+    for rate in rates:
+        for attack in attacks:
+            base = summary.get((attack, rate, "none"))
+            if base is None:
+                continue
+            cells, winners = [], []
+            for name in defenses:
+                entry = summary.get((attack, rate, name))
+                if entry is None:
+                    cells.append("-")
+                    continue
+                drop = base["acc"] - entry["acc"]
+                ok = entry["asr"] <= asr_max and drop <= drop_max
+                cells.append(f"{entry['asr']:.1f} / {drop:.1f}" + (" ✓" if ok and base["implanted"] else ""))
+                if ok and base["implanted"]:
+                    winners.append(name)
+                    met_counts[name] += 1
+            judged += base["implanted"]
+            verdict = ", ".join(winners) or "none" if base["implanted"] else "(not implanted: not judged)"
+            lines.append(f"| {rate:g} | {attack} | {base['asr']:.1f} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", "Cases cleared (of " + str(judged) + " implanted): "
+              + ", ".join(f"{d} {met_counts[d]}" for d in defenses)]
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Rows as CSV with the union of their keys as header, in first-seen order."""
     path = Path(path)
@@ -245,7 +282,7 @@ def write_suite_reports(result, out_dir: Path) -> dict[str, str]:
               f"fraction {config.clean_fraction:g}; victim epochs {config.victim_epochs}; total "
               f"{result.seconds:.0f} s\n\n")
     files["markdown"] = out_dir / "table.md"
-    files["markdown"].write_text(header + table)
+    files["markdown"].write_text(header + table + "\n" + targets_markdown(result.rows, config.defenses))
     if config.plots:
         files["defense_bars"] = plot_defense_bars(result.rows, out_dir / "defenses_acc_asr.png")
         files["asr_by_attack"] = plot_attack_bars(result.rows, "asr", out_dir / "asr_by_attack.png")

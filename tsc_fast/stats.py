@@ -119,6 +119,15 @@ def _finalise(acc: CorrelationAccumulator, objective: str) -> torch.Tensor:
     raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
 
 
+def _pooled(accumulators: dict[str, CorrelationAccumulator], objective: str,
+            spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """Each group's matrix from statistics pooled over every rank of a torch.distributed group (sums, not an
+    average of per-rank correlations; a no-op in a single process)."""
+    for acc in accumulators.values():
+        acc.all_reduce()
+    return {g: _per_unit(_finalise(acc, objective), spec, g) for g, acc in accumulators.items()}
+
+
 @torch.no_grad()
 def self_correlations(model: nn.Module, spec: PermutationSpec, batches: Iterable[Any],
                       objective: str = "correlation", device: torch.device | str = "cpu",
@@ -142,7 +151,7 @@ def self_correlations(model: nn.Module, spec: PermutationSpec, batches: Iterable
             x = batch_inputs(to_device(batch, device))
             for part in _micro_batches(x, micro_batch or _num_samples(x)):
                 forward_with_taps(model, spec, part, fold)
-    return {g: _per_unit(_finalise(acc, objective), spec, g) for g, acc in accumulators.items()}
+    return _pooled(accumulators, objective, spec)
 
 
 @torch.no_grad()
@@ -182,4 +191,4 @@ def cross_correlations(reference: nn.Module, other: nn.Module, spec: Permutation
                 forward_with_taps(other, spec, part, fold)
                 if held:
                     raise RuntimeError(f"taps fired on the reference but not on the other model: {sorted(held)}")
-    return {g: _per_unit(_finalise(acc, objective), spec, g) for g, acc in accumulators.items()}
+    return _pooled(accumulators, objective, spec)

@@ -287,6 +287,30 @@ def run_suite(config: SuiteConfig, out_dir: str | Path | None = None,
     return result
 
 
+def merge_suite_runs(folders: Sequence[str | Path], out_dir: str | Path) -> SuiteResult:
+    """One report from several suite runs (e.g. one process per poisoning rate run side by side): their rows
+    joined, the first landscape kept, times added; writes the reports to ``out_dir``."""
+    from . import reports
+
+    payloads = []
+    for folder in folders:
+        path = Path(folder) / "suite.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no suite.json in {folder}: not the output folder of a suite run")
+        payloads.append(json.loads(path.read_text()))
+    settings = dict(payloads[0]["config"])
+    settings.pop("defense_configs", None)
+    for key in ("attacks", "defenses", "rates", "seeds"):
+        settings[key] = tuple(dict.fromkeys(v for p in payloads for v in p["config"][key]))
+    rows = [row for p in payloads for row in p["rows"]]
+    landscape = next((p["landscape"] for p in payloads if p.get("landscape")), None)
+    config = SuiteConfig(**settings)
+    config.defense_configs = payloads[0]["config"].get("defense_configs", {})
+    result = SuiteResult(rows, landscape, config, seconds=sum(p["seconds"] for p in payloads))
+    result.files = reports.write_suite_reports(result, Path(out_dir))
+    return result
+
+
 def save_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))

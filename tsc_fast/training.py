@@ -1,12 +1,18 @@
-"""The one optimisation loop behind curve training and fine-tuning: SGD, cosine schedule, progress bar."""
+"""The one optimisation loop behind curve training and fine-tuning: SGD, cosine schedule, progress bar.
+
+The loop is data-parallel when a torch.distributed group is active (see :mod:`tsc_fast.distributed`) and can stop
+after any epoch and continue later from a :class:`LoopState` with the same result.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .batches import augment_batch, to_device
 
 
@@ -15,15 +21,34 @@ def cosine_factor(epoch: int, t_max: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / t_max))
 
 
+@dataclass
+class LoopState:
+    """Where an optimisation loop stands after a whole epoch: enough to continue it bit for bit.
+
+    The learning-rate schedule is a function of the epoch, so ``epoch`` is the scheduler's state; the epoch's
+    batch order is too (``ShardedBatchSampler``). The parameters themselves are saved by the caller.
+    """
+
+    epoch: int                          # epochs completed
+    optimizer: dict[str, Any]           # torch.optim.SGD.state_dict() (momentum buffers)
+    generator: torch.Tensor             # state of the loop's generator (t draws, translations)
+    torch_rng: torch.Tensor             # global CPU RNG state (dropout and other module randomness)
+    losses: list[float]                 # mean loss of every completed epoch
+
+
 def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int,
              step_loss: Callable[[Any, torch.Generator], torch.Tensor], *, lr: float, momentum: float = 0.9,
              weight_decay: float = 0.0, t_max: int | None = None, augment_shift: int = 0, seed: int = 0,
-             device: torch.device | str = "cpu", desc: str = "train", progress: bool = True) -> list[float]:
+             device: torch.device | str = "cpu", desc: str = "train", progress: bool = True,
+             resume: LoopState | None = None,
+             on_epoch_end: Callable[[LoopState], None] | None = None) -> list[float]:
     """Run ``epochs`` passes of SGD over ``batches``; returns the mean loss of every epoch.
 
-    ``step_loss(batch, generator)`` computes the loss of one (augmented, on-device) batch; the generator is the
-    loop's seeded source of randomness (curve training draws t from it). The learning rate follows a cosine
-    schedule stepped per epoch with period ``t_max`` epochs (default: ``epochs``).
+    ``step_loss(batch, generator)`` computes the mean loss of one (augmented, on-device) batch; the generator is
+    the loop's seeded source of randomness (curve training draws t from it). The learning rate follows a cosine
+    schedule stepped per epoch with period ``t_max`` epochs (default: ``epochs``). ``resume``: continue from a
+    state that ``on_epoch_end`` was handed earlier (called after every epoch). Under torch.distributed the
+    recorded losses are global batch means, and every rank raises together if a loss is not finite.
     """
     if epochs <= 0:
         return []
@@ -31,21 +56,42 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
     t_max = t_max or epochs
     generator = torch.Generator().manual_seed(seed)
     epoch_losses: list[float] = []
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, unit="ep")
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        torch.set_rng_state(resume.torch_rng)
+        epoch_losses, start = list(resume.losses), resume.epoch
+    bar = tqdm(range(start, epochs), desc=desc, disable=not progress or not ddp.is_main(), leave=False, unit="ep")
     for epoch in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * cosine_factor(epoch, t_max)
+        ddp.set_epoch(batches, epoch)
         total, count = 0.0, 0
         for batch in batches:
-            batch = augment_batch(to_device(batch, device), augment_shift, generator)
-            loss = step_loss(batch, generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {float(loss)} at epoch {epoch}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
+            loss = _step(batch, step_loss, optimizer, generator, augment_shift, device, desc, epoch)
+            total += loss
             count += 1
         epoch_losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(LoopState(epoch + 1, optimizer.state_dict(), generator.get_state(), torch.get_rng_state(),
+                                   list(epoch_losses)))
     return epoch_losses
+
+
+def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: torch.Generator, augment_shift: int,
+          device, desc: str, epoch: int) -> float:
+    """One SGD step on one batch; returns the batch's mean loss (over all ranks' examples)."""
+    local = ddp.batch_size_of(batch)
+    total = ddp.global_sum(local)
+    shard = (ddp.rank(), ddp.world_size(), int(total)) if ddp.is_distributed() else None
+    batch = augment_batch(to_device(batch, device), augment_shift, generator, shard)
+    loss = step_loss(batch, generator)
+    value = ddp.global_sum(float(loss.detach()) * local) / total if shard else float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{desc}: loss became {value} at epoch {epoch}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    (loss * ddp.loss_scale(local, total) if shard else loss).backward()
+    optimizer.step()
+    return value

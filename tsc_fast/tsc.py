@@ -3,20 +3,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import checkpoint
+from . import distributed as ddp
 from .align import realign, unalign
 from .batches import batch_inputs, dataset_size, default_shift, make_loader, steps_per_epoch
+from .checkpoint import join_state, split_state, tensor_digest
 from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
-from .spec import PermutationSpec, discover
+from .spec import PermutationSpec, discover, permute
+from .training import LoopState
 
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps
 
@@ -109,6 +116,8 @@ class TSCResult:
     spec: PermutationSpec | None = None
     plan: RunPlan | None = None
     seconds: float = 0.0
+    perms: list[dict[str, np.ndarray]] = field(default_factory=list)  # per round and stage: the alignment used
+    resumed_from: str | None = None                    # the checkpoint a resumed run started from
 
 
 def _image_size(x: Any) -> int | None:
@@ -122,69 +131,221 @@ def _model_device(model: nn.Module, requested: str | None) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+# The steps of one round, in order. A checkpoint records the next step to run (and, inside a curve or the
+# fine-tune, the optimisation loop's state), so a resumed run continues exactly where the last one stopped.
+STEPS = ("unalign", "curve1", "realign", "curve2", "finetune")
+RESULT_NEUTRAL = ("progress", "device", "warn_below_steps")  # settings that do not change the result
+
+
 def purify(model: nn.Module, clean_data: Dataset | DataLoader, loss_fn: LossFn | None = None,
-           config: TSCConfig | None = None, spec: PermutationSpec | None = None) -> TSCResult:
+           config: TSCConfig | None = None, spec: PermutationSpec | None = None, *,
+           checkpoint_dir: str | Path | None = None, resume: bool = False,
+           checkpoint_interval_s: float = 300.0) -> TSCResult:
     """Remove a backdoor from ``model`` with TSC, using only ``clean_data``; the input model is not modified.
 
     ``clean_data``: a Dataset of (x, y) or a DataLoader (used as given for every phase). ``loss_fn(model, batch)``
     replaces cross-entropy (for example a contrastive loss for self-supervised encoders). ``spec``: a permutation
     spec to use instead of discovering one.
+
+    ``checkpoint_dir``: write a checkpoint after every step of every round (un-align, stage-1 curve, re-align,
+    stage-2 curve, fine-tune) and, inside curves and fine-tunes, after the epoch in which
+    ``checkpoint_interval_s`` seconds have passed since the last one. ``resume=True`` continues from the newest
+    checkpoint there and gives the result an uninterrupted run would have given; a missing, corrupt or
+    mismatched checkpoint raises :class:`~tsc_fast.checkpoint.CheckpointError` (never a silent fresh start).
+
+    Under torch.distributed (e.g. launched by torchrun) every rank calls ``purify`` with the same arguments; each
+    uses its share of every batch (see :mod:`tsc_fast.distributed`) and all return the same model.
     """
-    config = config or TSCConfig()
-    started = time.perf_counter()
-    device = _model_device(model, config.device)
-    num_examples = dataset_size(clean_data)
-    stats_batches = make_loader(clean_data, config.stats_batch_size, shuffle=False)
-    example = batch_inputs(next(iter(stats_batches)))
-    loader_batch = clean_data.batch_size if isinstance(clean_data, DataLoader) else None
-    plan = config.plan(num_examples, _image_size(example), loader_batch)
-    if plan.curve_steps < config.warn_below_steps:
-        warnings.warn(f"each curve gets only {plan.curve_steps} optimiser steps ({plan.curve_epochs} epochs of "
-                      f"{plan.curve_steps // plan.curve_epochs} steps); curves that short barely bend and may "
-                      f"leave the backdoor in place (CALIBRATION.md). Raise curve_steps or lower batch_size.",
-                      stacklevel=2)
-    train_batches = make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed)
-    current = copy.deepcopy(model).to(device).eval()
-    spec = spec or discover(current, example.to(device))
-    result = TSCResult(model=current, spec=spec, plan=plan)
+    return _Run(model, clean_data, loss_fn, config or TSCConfig(), spec, checkpoint_dir,
+                checkpoint_interval_s).execute(resume)
 
-    def curve_between(start: nn.Module, end: nn.Module, t: float, round_: int, stage: int) -> tuple[nn.Module, list]:
-        curve = BezierCurve(start, end).to(device)
-        losses = train_curve(curve, train_batches, plan.curve_epochs, loss_fn=loss_fn, lr=config.lr,
-                             momentum=config.momentum, weight_decay=config.weight_decay,
-                             l2_coeff=config.l2_coeff, t_max=plan.cosine_t_max, augment_shift=plan.augment_shift,
-                             seed=config.seed + 1000 * round_ + stage, device=device,
-                             desc=f"round {round_ + 1}/{config.rounds} curve {stage}", progress=config.progress)
-        point = curve.point(t)
-        recalibrate_bn(point, stats_batches, device=device)
-        return point, losses
 
-    align_kw = dict(objective=config.objective, backend=config.assign_backend, device=device, verify=config.verify)
-    for round_ in range(config.rounds):
+class _Run:
+    """One purification run: its data, its position among the rounds' steps, and its checkpoints."""
+
+    def __init__(self, model, clean_data, loss_fn, config: TSCConfig, spec, checkpoint_dir, interval_s: float):
+        self.config, self.loss_fn = config, loss_fn
+        self.started = time.perf_counter()
+        self.device = _model_device(model, config.device)
+        num_examples = dataset_size(clean_data)
+        self.stats_batches = make_loader(clean_data, config.stats_batch_size, shuffle=False)
+        example = batch_inputs(next(iter(self.stats_batches)))
+        loader_batch = clean_data.batch_size if isinstance(clean_data, DataLoader) else None
+        self.plan = config.plan(num_examples, _image_size(example), loader_batch)
+        if self.plan.curve_steps < config.warn_below_steps and ddp.is_main():
+            warnings.warn(f"each curve gets only {self.plan.curve_steps} optimiser steps ({self.plan.curve_epochs} "
+                          f"epochs of {self.plan.curve_steps // self.plan.curve_epochs} steps); curves that short "
+                          f"barely bend and may leave the backdoor in place (CALIBRATION.md). Raise curve_steps "
+                          f"or lower batch_size.", stacklevel=3)
+        self.train_batches = make_loader(clean_data, self.plan.batch_size, shuffle=True, seed=config.seed)
+        self.current = copy.deepcopy(model).to(self.device).eval()
+        self.spec = spec or discover(self.current, example.to(self.device))
+        self.result = TSCResult(model=self.current, spec=self.spec, plan=self.plan)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.interval_s = interval_s
+        self.last_save = time.perf_counter()
+        self.identity = self._identity(model, num_examples, example) if self.checkpoint_dir else {}
+        # position and what the next step needs
+        self.round, self.step = 0, STEPS[0]
+        self.perms: dict[str, np.ndarray] | None = None   # the alignment feeding the next curve
+        self.stage1_point: nn.Module | None = None
+        self.middle: torch.Tensor | None = None           # a curve's middle control point, inside a curve
+        self.loop: LoopState | None = None                # the optimisation loop's state, inside a curve/fine-tune
+        self.pending: dict[str, Any] = {}                 # alignment summary and timings of the running stage
+
+    # ------------------------------------------------------------------ the rounds
+    def execute(self, resume: bool) -> TSCResult:
+        if resume:
+            if self.checkpoint_dir is None:
+                raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
+            self._restore()
+        run = {"unalign": self._unalign, "curve1": self._curve1, "realign": self._realign, "curve2": self._curve2,
+               "finetune": self._finetune}
+        while self.round < self.config.rounds:
+            run[self.step]()
+        self.result.model = self.current.eval()
+        self.result.seconds = time.perf_counter() - self.started
+        return self.result
+
+    def _advance(self) -> None:
+        """Move to the next step (fine-tune only between rounds, and only if it has epochs) and checkpoint."""
+        index = STEPS.index(self.step) + 1
+        last_round = self.round == self.config.rounds - 1
+        if index == len(STEPS) or (STEPS[index] == "finetune" and (last_round or self.config.finetune_epochs <= 0)):
+            self.round, index = self.round + 1, 0
+        self.step, self.middle, self.loop = STEPS[index], None, None
+        self._save()  # after the last step too: resuming a finished run returns its result at once
+
+    def _align_kw(self) -> dict[str, Any]:
+        c = self.config
+        return dict(objective=c.objective, backend=c.assign_backend, device=self.device, verify=c.verify)
+
+    def _unalign(self) -> None:
         t0 = time.perf_counter()
-        unaligned = unalign(current, spec, stats_batches, **align_kw)
-        t1 = time.perf_counter()
-        stage1_point, losses1 = curve_between(current, unaligned.model, config.t_stage1, round_, 1)
-        t2 = time.perf_counter()
-        result.history.append(_stage_record(round_, 1, config.t_stage1, losses1, unaligned.summary(),
-                                            {"align": t1 - t0, "curve_and_bn": t2 - t1}))
-        realigned = realign(current, stage1_point, spec, stats_batches, **align_kw)
-        t3 = time.perf_counter()
-        current, losses2 = curve_between(realigned.model, stage1_point, config.t_stage2, round_, 2)
-        t4 = time.perf_counter()
-        record = _stage_record(round_, 2, config.t_stage2, losses2, realigned.summary(),
-                               {"align": t3 - t2, "curve_and_bn": t4 - t3})
-        if round_ < config.rounds - 1 and config.finetune_epochs > 0:
-            record["finetune_losses"] = finetune(
-                current, train_batches, config.finetune_epochs, loss_fn=loss_fn, lr=config.finetune_lr,
-                momentum=config.momentum, weight_decay=config.weight_decay, augment_shift=plan.augment_shift,
-                seed=config.seed + 1000 * round_ + 3, device=device, desc=f"round {round_ + 1} fine-tune",
-                progress=config.progress)
-            record["seconds"]["finetune"] = time.perf_counter() - t4
-        result.history.append(record)
-    result.model = current.eval()
-    result.seconds = time.perf_counter() - started
-    return result
+        alignment = unalign(self.current, self.spec, self.stats_batches, **self._align_kw())
+        self._aligned(alignment, time.perf_counter() - t0)
+
+    def _realign(self) -> None:
+        t0 = time.perf_counter()
+        alignment = realign(self.current, self.stage1_point, self.spec, self.stats_batches, **self._align_kw())
+        self._aligned(alignment, time.perf_counter() - t0)
+
+    def _aligned(self, alignment, seconds: float) -> None:
+        self.perms = alignment.perms
+        self.result.perms.append(alignment.perms)
+        self.pending = {"alignment": alignment.summary(), "seconds": {"align": seconds}}
+        self._advance()
+
+    def _curve1(self) -> None:
+        unaligned = permute(self.current, self.spec, self.perms)
+        self.stage1_point = self._curve(self.current, unaligned, self.config.t_stage1, stage=1)
+        self._advance()
+
+    def _curve2(self) -> None:
+        realigned = permute(self.current, self.spec, self.perms)
+        self.current = self._curve(realigned, self.stage1_point, self.config.t_stage2, stage=2)
+        self.stage1_point = None
+        self._advance()
+
+    def _curve(self, start: nn.Module, end: nn.Module, t: float, stage: int) -> nn.Module:
+        c, plan, r = self.config, self.plan, self.round
+        t0 = time.perf_counter()
+        curve = BezierCurve(start, end).to(self.device)
+        if self.middle is not None:
+            with torch.no_grad():
+                curve.middle.copy_(self.middle)
+
+        def save_epoch(state: LoopState) -> None:
+            self.middle, self.loop = curve.middle.detach(), state
+            self._save(interim=True)
+
+        losses = train_curve(curve, self.train_batches, plan.curve_epochs, loss_fn=self.loss_fn, lr=c.lr,
+                             momentum=c.momentum, weight_decay=c.weight_decay, l2_coeff=c.l2_coeff,
+                             t_max=plan.cosine_t_max, augment_shift=plan.augment_shift,
+                             seed=c.seed + 1000 * r + stage, device=self.device,
+                             desc=f"round {r + 1}/{c.rounds} curve {stage}", progress=c.progress and ddp.is_main(),
+                             resume=self.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None)
+        point = curve.point(t)
+        recalibrate_bn(point, self.stats_batches, device=self.device)
+        seconds = {**self.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
+        self.result.history.append(_stage_record(r, stage, t, losses, self.pending["alignment"], seconds))
+        return point
+
+    def _finetune(self) -> None:
+        c, r = self.config, self.round
+        t0 = time.perf_counter()
+
+        def save_epoch(state: LoopState) -> None:
+            self.loop = state
+            self._save(interim=True)
+
+        record = self.result.history[-1]
+        record["finetune_losses"] = finetune(
+            self.current, self.train_batches, c.finetune_epochs, loss_fn=self.loss_fn, lr=c.finetune_lr,
+            momentum=c.momentum, weight_decay=c.weight_decay, augment_shift=self.plan.augment_shift,
+            seed=c.seed + 1000 * r + 3, device=self.device, desc=f"round {r + 1} fine-tune",
+            progress=c.progress and ddp.is_main(), resume=self.loop,
+            on_epoch_end=save_epoch if self.checkpoint_dir else None)
+        record["seconds"]["finetune"] = record["seconds"].get("finetune", 0.0) + time.perf_counter() - t0
+        self._advance()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _identity(self, model: nn.Module, num_examples: int, example: Any) -> dict[str, Any]:
+        """What defines this run: a resumed run must match it (computed on rank 0, shared by all)."""
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in RESULT_NEUTRAL}
+        identity = {"model": tensor_digest(model.state_dict()), "model_class": type(model).__name__,
+                    "examples": num_examples, "settings": settings, "plan": dataclasses.asdict(self.plan),
+                    "groups": dict(self.spec.groups), "loss_fn": getattr(self.loss_fn, "__qualname__", None)}
+        if torch.is_tensor(example):
+            identity["first_batch"] = tensor_digest([example])
+        return ddp.broadcast_object(json.loads(json.dumps(identity)))  # as a checkpoint will read it back
+
+    def _save(self, interim: bool = False) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if interim and time.perf_counter() - self.last_save < self.interval_s:
+            return
+        if ddp.is_main():
+            tensors = {f"model/{k}": v for k, v in self.current.state_dict().items()}
+            if self.stage1_point is not None:
+                tensors.update({f"stage1/{k}": v for k, v in self.stage1_point.state_dict().items()})
+            if self.perms is not None:
+                tensors.update({f"perm/{g}": torch.as_tensor(np.asarray(p)) for g, p in self.perms.items()})
+            if self.middle is not None:
+                tensors["middle"] = self.middle
+            meta = {"identity": self.identity, "round": self.round, "step": self.step,
+                    "history": self.result.history, "pending": self.pending,
+                    "perms_used": [{g: np.asarray(p).tolist() for g, p in ps.items()} for ps in self.result.perms],
+                    "elapsed_s": time.perf_counter() - self.started}
+            if self.loop is not None:
+                loop_tensors, loop_plain = split_state("loop", dataclasses.asdict(self.loop))
+                tensors.update(loop_tensors)
+                meta["loop"] = loop_plain
+            checkpoint.save(self.checkpoint_dir, tensors, meta)
+        ddp.barrier()
+        self.last_save = time.perf_counter()
+
+    def _restore(self) -> None:
+        tensors, meta = checkpoint.load(self.checkpoint_dir)
+        checkpoint.check_same_run(meta["identity"], self.identity, self.checkpoint_dir)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.current.load_state_dict(part("model/"))
+        stage1 = part("stage1/")
+        if stage1:
+            self.stage1_point = copy.deepcopy(self.current)
+            self.stage1_point.load_state_dict(stage1)
+        perms = part("perm/")
+        self.perms = {g: p.numpy().astype(np.int64) for g, p in perms.items()} if perms else None
+        self.middle = tensors.get("middle")
+        self.loop = LoopState(**join_state(tensors, meta["loop"])) if "loop" in meta else None
+        self.round, self.step = meta["round"], meta["step"]
+        self.pending, self.result.history = meta["pending"], meta["history"]
+        self.result.perms = [{g: np.asarray(p, dtype=np.int64) for g, p in ps.items()} for ps in meta["perms_used"]]
+        self.result.resumed_from = str(self.checkpoint_dir)
+        self.started -= meta["elapsed_s"]
 
 
 def _stage_record(round_: int, stage: int, t: float, losses: list[float], alignment: dict[str, Any],
