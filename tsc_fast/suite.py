@@ -28,14 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .align import realign, unalign
 from .backdoor.attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
 from .backdoor.train import BackdoorSetup, make_backdoored_digits
-from .batches import batch_inputs, make_loader
-from .curve import BezierCurve, recalibrate_bn, train_curve
+from .curve import BezierCurve, recalibrate_bn
 from .defenses import DEFENSES, run_defense
-from .spec import discover
-from .tsc import TSCConfig
+from .tsc import TSCConfig, purify
 
 IMPLANT_THRESHOLD = 50.0           # backdoored ASR (percent) below which an attack "did not implant"
 ADAPTIVE_PREFIX = "adaptive_"      # "adaptive_badnets": the base attack trained by tsc_fast.adaptive
@@ -183,43 +180,29 @@ def _profile(curve: BezierCurve, ts: Sequence[float], stats_batches, evaluate: C
 
 def landscape_curves(setup: BackdoorSetup, clean_data, config: TSCConfig | None = None,
                      points: int = 11) -> dict[str, Any]:
-    """Train round 1 of TSC (stage-1 curve original -> un-aligned copy, stage-2 curve re-aligned original ->
-    stage-1 point) exactly as ``purify`` plans it, and evaluate both curves at ``points`` t values in [0, 1].
+    """Round 1 of ``purify`` itself (stage-1 curve original -> un-aligned copy, stage-2 curve re-aligned
+    original -> stage-1 point), with both trained curves evaluated at ``points`` t values in [0, 1].
 
     Every point gets its BatchNorm statistics recomputed on the clean data first (as TSC does at t*). Returns
     ``{"stage1": [...], "stage2": [...], "t_stage1", "t_stage2"}``, each profile a list of
     ``{"t", "clean_loss", "poison_loss", "acc", "asr"}`` measured on the clean test set and its triggered copy.
     """
-    config = config or TSCConfig(progress=False, warn_below_steps=0)
-    stats_batches = make_loader(clean_data, config.stats_batch_size, shuffle=False)
-    example = batch_inputs(next(iter(stats_batches)))
-    plan = config.plan(len(clean_data), int(example.shape[-1]))
-    train_batches = make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed)
-    model = copy.deepcopy(setup.model).eval()
-    spec = discover(model, example)
+    config = dataclasses.replace(config or TSCConfig(), rounds=1, progress=False, warn_below_steps=0)
     keep = setup.y_test != setup.attack.target
     x_triggered = setup.attack.apply(setup.x_test[keep])
+    ts = [i / (points - 1) for i in range(points)]
+    profiles: dict[str, list[dict[str, float]]] = {}
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return _losses_at(m, setup.x_test, setup.y_test, x_triggered, setup.attack.target)
 
-    def trained_curve(start: nn.Module, end: nn.Module, stage: int) -> BezierCurve:
-        curve = BezierCurve(start, end)
-        train_curve(curve, train_batches, plan.curve_epochs, lr=config.lr, momentum=config.momentum,
-                    weight_decay=config.weight_decay, l2_coeff=config.l2_coeff, t_max=plan.cosine_t_max,
-                    augment_shift=plan.augment_shift, seed=config.seed + stage, progress=False)
-        return curve
+    def record(round_: int, stage: int, curve: BezierCurve, stats_batches) -> None:
+        profiles[f"stage{stage}"] = _profile(curve, ts, stats_batches, evaluate)
 
-    ts = [i / (points - 1) for i in range(points)]
-    align_kw = dict(objective=config.objective, backend=config.assign_backend, verify=config.verify)
-    stage1 = trained_curve(model, unalign(model, spec, stats_batches, **align_kw).model, 1)
-    stage1_point = stage1.point(config.t_stage1)
-    recalibrate_bn(stage1_point, stats_batches)
-    stage2 = trained_curve(realign(model, stage1_point, spec, stats_batches, **align_kw).model, stage1_point, 2)
-    return {"stage1": _profile(stage1, ts, stats_batches, evaluate),
-            "stage2": _profile(stage2, ts, stats_batches, evaluate),
-            "t_stage1": config.t_stage1, "t_stage2": config.t_stage2, "curve_steps": plan.curve_steps,
-            "attack": setup.config.get("attack"), "rate": setup.config.get("rate"), "seed": setup.config.get("seed")}
+    result = purify(setup.model, clean_data, config=config, on_curve=record)
+    return {**profiles, "t_stage1": config.t_stage1, "t_stage2": config.t_stage2,
+            "curve_steps": result.plan.curve_steps, "attack": setup.config.get("attack"),
+            "rate": setup.config.get("rate"), "seed": setup.config.get("seed")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

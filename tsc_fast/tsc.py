@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -133,6 +133,7 @@ def _model_device(model: nn.Module, requested: str | None) -> torch.device:
 
 # The steps of one round, in order. A checkpoint records the next step to run (and, inside a curve or the
 # fine-tune, the optimisation loop's state), so a resumed run continues exactly where the last one stopped.
+CurveCallback = Callable[[int, int, BezierCurve, Any], None]
 STEPS = ("unalign", "curve1", "realign", "curve2", "finetune")
 RESULT_NEUTRAL = ("progress", "device", "warn_below_steps")  # settings that do not change the result
 
@@ -140,7 +141,7 @@ RESULT_NEUTRAL = ("progress", "device", "warn_below_steps")  # settings that do 
 def purify(model: nn.Module, clean_data: Dataset | DataLoader, loss_fn: LossFn | None = None,
            config: TSCConfig | None = None, spec: PermutationSpec | None = None, *,
            checkpoint_dir: str | Path | None = None, resume: bool = False,
-           checkpoint_interval_s: float = 300.0) -> TSCResult:
+           checkpoint_interval_s: float = 300.0, on_curve: CurveCallback | None = None) -> TSCResult:
     """Remove a backdoor from ``model`` with TSC, using only ``clean_data``; the input model is not modified.
 
     ``clean_data``: a Dataset of (x, y) or a DataLoader (used as given for every phase). ``loss_fn(model, batch)``
@@ -153,11 +154,15 @@ def purify(model: nn.Module, clean_data: Dataset | DataLoader, loss_fn: LossFn |
     checkpoint there and gives the result an uninterrupted run would have given; a missing, corrupt or
     mismatched checkpoint raises :class:`~tsc_fast.checkpoint.CheckpointError` (never a silent fresh start).
 
+    ``on_curve(round_, stage, curve, stats_batches)`` is called with every trained curve (rounds and stages
+    count from 1) before its point at t* is taken: to plot the loss landscape along it, for example.
+
     Under torch.distributed (e.g. launched by torchrun) every rank calls ``purify`` with the same arguments; each
     uses its share of every batch (see :mod:`tsc_fast.distributed`) and all return the same model.
     """
-    return _Run(model, clean_data, loss_fn, config or TSCConfig(), spec, checkpoint_dir,
-                checkpoint_interval_s).execute(resume)
+    run = _Run(model, clean_data, loss_fn, config or TSCConfig(), spec, checkpoint_dir, checkpoint_interval_s)
+    run.on_curve = on_curve
+    return run.execute(resume)
 
 
 class _Run:
@@ -192,6 +197,7 @@ class _Run:
         self.middle: torch.Tensor | None = None           # a curve's middle control point, inside a curve
         self.loop: LoopState | None = None                # the optimisation loop's state, inside a curve/fine-tune
         self.pending: dict[str, Any] = {}                 # alignment summary and timings of the running stage
+        self.on_curve: CurveCallback | None = None
 
     # ------------------------------------------------------------------ the rounds
     def execute(self, resume: bool) -> TSCResult:
@@ -265,6 +271,8 @@ class _Run:
                              seed=c.seed + 1000 * r + stage, device=self.device,
                              desc=f"round {r + 1}/{c.rounds} curve {stage}", progress=c.progress and ddp.is_main(),
                              resume=self.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None)
+        if self.on_curve is not None:
+            self.on_curve(r + 1, stage, curve, self.stats_batches)
         point = curve.point(t)
         recalibrate_bn(point, self.stats_batches, device=self.device)
         seconds = {**self.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
