@@ -17,7 +17,7 @@ from .batches import batch_inputs, to_device
 from .kernels.bezier import bezier_point
 from .modes import eval_mode
 from . import distributed as ddp
-from .training import LoopState, optimise
+from .training import ComputeOptions, LoopState, optimise
 
 LossFn = Callable[[Callable[[torch.Tensor], torch.Tensor], Any], torch.Tensor]
 
@@ -123,7 +123,8 @@ def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss
                 lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 5e-4, l2_coeff: float = 1e-4,
                 t_max: int | None = None, augment_shift: int = 0, seed: int = 0, device="cpu",
                 desc: str = "curve", progress: bool = True, resume: LoopState | None = None,
-                on_epoch_end: Callable[[LoopState], None] | None = None) -> list[float]:
+                on_epoch_end: Callable[[LoopState], None] | None = None,
+                compute: ComputeOptions = ComputeOptions()) -> list[float]:
     """Train the middle control point: one t ~ U(0,1) per batch, loss = task loss + 0.5 * l2 * ||w(t)||^2.
 
     Under torch.distributed the objective runs inside DistributedDataParallel and BatchNorm layers use global
@@ -138,14 +139,15 @@ def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss
     with ddp.global_batch_norm(curve.template):
         return optimise([curve.middle], batches, epochs, step_loss, lr=lr, momentum=momentum,
                         weight_decay=weight_decay, t_max=t_max, augment_shift=augment_shift, seed=seed,
-                        device=device, desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end)
+                        device=device, desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end,
+                        compute=compute)
 
 
 def finetune(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
              lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4, augment_shift: int = 0,
              seed: int = 0, device="cpu", desc: str = "fine-tune", progress: bool = True,
-             resume: LoopState | None = None,
-             on_epoch_end: Callable[[LoopState], None] | None = None) -> list[float]:
+             resume: LoopState | None = None, on_epoch_end: Callable[[LoopState], None] | None = None,
+             compute: ComputeOptions = ComputeOptions()) -> list[float]:
     """Plain fine-tuning of all parameters (SGD, cosine), in train mode; the model is left in eval mode."""
     objective = ddp.wrap_for_training(_ModelObjective(model, loss_fn or cross_entropy_loss))
     model.train()
@@ -153,7 +155,8 @@ def finetune(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: 
         losses = optimise([p for p in model.parameters() if p.requires_grad], batches, epochs,
                           lambda batch, _: objective(batch), lr=lr, momentum=momentum,
                           weight_decay=weight_decay, augment_shift=augment_shift, seed=seed, device=device,
-                          desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end)
+                          desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end,
+                          compute=compute)
     model.eval()
     return losses
 

@@ -23,7 +23,7 @@ from .batches import batch_inputs, dataset_size, default_shift, make_loader, ste
 from .checkpoint import join_state, split_state, tensor_digest
 from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
 from .spec import PermutationSpec, discover, permute
-from .training import LoopState
+from .training import ComputeOptions, LoopState
 
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps
 
@@ -63,6 +63,8 @@ class TSCConfig:
                                           # 32 px scaled to the image size (official RandomCrop(padding=4)); 0: off
     objective: str = "correlation"        # "correlation" (Pearson) or "second_moment" (uncentred, L2 objective)
     assign_backend: str = "auto"          # LAP backend: auto/native, scipy, lap
+    autocast: str | None = None           # "bf16": curve and fine-tune forwards under bf16 autocast (GPU speed)
+    channels_last: bool = False           # channels-last image batches in curve training and fine-tuning
     verify: bool = True                   # check every permutation preserves the function (cheap: one batch)
     seed: int = 0
     device: str | None = None             # None: the model's device
@@ -198,6 +200,7 @@ class _Run:
         self.loop: LoopState | None = None                # the optimisation loop's state, inside a curve/fine-tune
         self.pending: dict[str, Any] = {}                 # alignment summary and timings of the running stage
         self.on_curve: CurveCallback | None = None
+        self.compute = ComputeOptions(config.autocast, config.channels_last)
 
     # ------------------------------------------------------------------ the rounds
     def execute(self, resume: bool) -> TSCResult:
@@ -270,7 +273,8 @@ class _Run:
                              t_max=plan.cosine_t_max, augment_shift=plan.augment_shift,
                              seed=c.seed + 1000 * r + stage, device=self.device,
                              desc=f"round {r + 1}/{c.rounds} curve {stage}", progress=c.progress and ddp.is_main(),
-                             resume=self.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None)
+                             resume=self.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None,
+                             compute=self.compute)
         if self.on_curve is not None:
             self.on_curve(r + 1, stage, curve, self.stats_batches)
         point = curve.point(t)
@@ -293,7 +297,7 @@ class _Run:
             momentum=c.momentum, weight_decay=c.weight_decay, augment_shift=self.plan.augment_shift,
             seed=c.seed + 1000 * r + 3, device=self.device, desc=f"round {r + 1} fine-tune",
             progress=c.progress and ddp.is_main(), resume=self.loop,
-            on_epoch_end=save_epoch if self.checkpoint_dir else None)
+            on_epoch_end=save_epoch if self.checkpoint_dir else None, compute=self.compute)
         record["seconds"]["finetune"] = record["seconds"].get("finetune", 0.0) + time.perf_counter() - t0
         self._advance()
 
