@@ -208,6 +208,8 @@ def _add_bench_commands(commands) -> None:
     merge.add_argument("folders", nargs="+", type=Path, help="output folders of `tsc-fast bench suite` runs")
     merge.add_argument("--out", type=Path, required=True, help="folder of the merged report")
     merge.set_defaults(run=_cmd_bench_merge)
+    from .scaling import add_scaling_parser
+    add_scaling_parser(kinds)
 
 
 def build_parser() -> argparse.ArgumentParser:
