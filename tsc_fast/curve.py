@@ -67,8 +67,8 @@ class BezierCurve(nn.Module):
         for p in self.template.parameters():
             p.requires_grad_(False)
         a, b = self.layout.flatten(start), self.layout.flatten(end)
-        self.register_buffer("start", a.clone())
-        self.register_buffer("end", b.to(a).clone())
+        self.register_buffer("start", a)          # flatten() made fresh tensors: no clones (memory at scale)
+        self.register_buffer("end", b.to(a))
         self.middle = nn.Parameter((self.start + self.end) / 2)
 
     def weights(self, t: float) -> torch.Tensor:

@@ -65,7 +65,7 @@ class TSCConfig:
     assign_backend: str = "auto"          # LAP backend: auto/native, scipy, lap
     autocast: str | None = None           # "bf16": curve and fine-tune forwards under bf16 autocast (GPU speed)
     channels_last: bool = False           # channels-last image batches in curve training and fine-tuning
-    verify: bool = True                   # check every permutation preserves the function (cheap: one batch)
+    verify: bool = True                   # check every permutation preserves the function (16 samples)
     seed: int = 0
     device: str | None = None             # None: the model's device
     progress: bool = True                 # progress bars
