@@ -72,7 +72,8 @@ def tsc_config(args):
     from tsc_fast.tsc import TSCConfig
 
     return TSCConfig(rounds=1, curve_steps=args.curve_steps, batch_size=args.batch, finetune_epochs=0,
-                     stats_batch_size=args.stats_batch, progress=False, warn_below_steps=0, device="cpu")
+                     stats_batch_size=args.stats_batch, progress=False, warn_below_steps=0, device="cpu",
+                     autocast=args.autocast, channels_last=args.channels_last)
 
 
 class Recorder:
@@ -145,6 +146,7 @@ def worker_components(args) -> dict[str, Any]:
     from tsc_fast.align import realign, unalign
     from tsc_fast.batches import make_loader
     from tsc_fast.curve import BezierCurve, recalibrate_bn, train_curve
+    from tsc_fast.training import ComputeOptions
     from tsc_fast.memory import rss_bytes
     from tsc_fast.spec import discover, permute
 
@@ -190,7 +192,8 @@ def worker_components(args) -> dict[str, Any]:
             lambda: train_curve(curve, train_batches, plan.curve_epochs, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, l2_coeff=config.l2_coeff,
                                 t_max=plan.cosine_t_max, augment_shift=plan.augment_shift,
-                                seed=config.seed + stage, device="cpu", progress=False),
+                                seed=config.seed + stage, device="cpu", progress=False,
+                                compute=ComputeOptions(config.autocast, config.channels_last)),
             steps=plan.curve_steps)
         point, _ = rec.measure(f"curve{stage}: point", lambda: curve.point(t))
         seen, _ = rec.measure(f"curve{stage}: BN recalibration", lambda: recalibrate_bn(point, stats_batches))
@@ -245,7 +248,9 @@ def run_worker(kind: str, model: str, args) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--worker-out", out,
            "--images", str(args.images), "--size", str(args.size), "--batch", str(args.batch),
            "--stats-batch", str(args.stats_batch), "--curve-steps", str(args.curve_steps),
-           "--threads", str(args.threads), "--anchor-repeats", str(args.anchor_repeats)]
+           "--threads", str(args.threads), "--anchor-repeats", str(args.anchor_repeats),
+           *(["--autocast", args.autocast] if args.autocast else []),
+           *(["--channels-last"] if args.channels_last else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env)
@@ -397,6 +402,8 @@ def main() -> None:
                         help="statistics / BN recalibration / inference batch (default: all images)")
     parser.add_argument("--curve-steps", type=int, default=2, help="optimiser steps per curve")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--autocast", choices=["bf16"], help="curve training under bf16 autocast (TSCConfig.autocast)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last curve batches")
     parser.add_argument("--anchor-repeats", type=int, default=3, help="timed plain training steps (median)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/imagenet_scale"))
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 images at 64 x 64, resnet50, batch 2")
@@ -442,7 +449,9 @@ def main() -> None:
         other = max(0.0, busy_end - busy_start - (own_cpu_seconds() - own_start))
         record["other_processes_cores"] = round(other / record["wall_s"], 2)
         record["loaded"] = record["loaded"] or record["other_processes_cores"] > 0.3
-    write_report(record, Path(args.out), "imagenet_scale_quick" if args.quick else "imagenet_scale")
+    stem = ("imagenet_scale" + (f"_{args.autocast}" if args.autocast else "")
+            + ("_channels_last" if args.channels_last else "") + ("_quick" if args.quick else ""))
+    write_report(record, Path(args.out), stem)
     if any("error" in part for rec in record["models"].values() for part in rec.values()):
         sys.exit(1)
 
