@@ -270,20 +270,10 @@ def machine() -> dict[str, Any]:
     import torch
     import torchvision
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
-                           if l.startswith("MemTotal")).split()[1])
-    except (OSError, StopIteration):
-        mem_kib = 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2 ** 20, 1),
+    from tsc_fast.machine import cpu_model, memory_total_gib
+
+    cpu, memory_gib = cpu_model(), memory_total_gib() or 0.0
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib,
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "cuda_available": torch.cuda.is_available()}
 

@@ -513,15 +513,11 @@ def lap_shares(rows, family: str, config: ScalingConfig) -> list[dict[str, Any]]
 def machine_description(threads: int | None) -> dict[str, str]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import scipy
+
+    from .machine import cpu_model
+
+    cpu = cpu_model()
 
     return {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "solver_threads": str(threads) if threads else f"{os.cpu_count()} (solve_many default)",
