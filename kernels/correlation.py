@@ -170,7 +170,7 @@ class CorrelationAccumulator:
         batch_mean_x, batch_mean_y = s["shift_x"] + off_x, s["shift_y"] + off_y
         batch_m2_x = s["sum_xx"] - s["sum_x"] * off_x
         batch_m2_y = s["sum_yy"] - s["sum_y"] * off_y
-        batch_cxy = s["sum_xy"] - torch.outer(s["sum_x"], off_y)
+        batch_cxy = s["sum_xy"].addr_(s["sum_x"], off_y, alpha=-1.0)  # in place: no (C x D) temporaries
         self._chan_merge(rows, batch_mean_x, batch_mean_y, batch_m2_x, batch_m2_y, batch_cxy)
 
     def _chan_merge(self, n, mean_x, mean_y, m2_x, m2_y, cxy) -> None:
@@ -179,7 +179,7 @@ class CorrelationAccumulator:
             return
         wx, wy = mean_x - self.mean_x, mean_y - self.mean_y
         f = self.count * n / total
-        self.cxy += cxy + f * torch.outer(wx, wy)
+        self.cxy.add_(cxy).addr_(wx, wy, alpha=f)  # in place: at C = 16384 each temporary was 2 GiB
         self.m2_x += m2_x + f * wx * wx
         self.m2_y += m2_y + f * wy * wy
         self.mean_x += wx * (n / total)
@@ -236,7 +236,8 @@ class CorrelationAccumulator:
         for name in ("mean_x", "mean_y", "m2_x", "m2_y", "cxy"):
             getattr(self, name).zero_()
         if count:
-            self._merge_sums(count, {key: sums[key] for key in _SUM_KEYS + ("shift_x", "shift_y")})
+            # clones: _merge_sums works in place and the caller keeps its sums
+            self._merge_sums(count, {key: sums[key].clone() for key in _SUM_KEYS + ("shift_x", "shift_y")})
         return self
 
     def all_reduce(self, group=None) -> "CorrelationAccumulator":
