@@ -133,9 +133,9 @@ def _model_device(model: nn.Module, requested: str | None) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+CurveCallback = Callable[[int, int, BezierCurve, Any], None]   # (round, stage, trained curve, stats batches)
 # The steps of one round, in order. A checkpoint records the next step to run (and, inside a curve or the
 # fine-tune, the optimisation loop's state), so a resumed run continues exactly where the last one stopped.
-CurveCallback = Callable[[int, int, BezierCurve, Any], None]
 STEPS = ("unalign", "curve1", "realign", "curve2", "finetune")
 RESULT_NEUTRAL = ("progress", "device", "warn_below_steps")  # settings that do not change the result
 
@@ -162,16 +162,16 @@ def purify(model: nn.Module, clean_data: Dataset | DataLoader, loss_fn: LossFn |
     Under torch.distributed (e.g. launched by torchrun) every rank calls ``purify`` with the same arguments; each
     uses its share of every batch (see :mod:`tsc_fast.distributed`) and all return the same model.
     """
-    run = _Run(model, clean_data, loss_fn, config or TSCConfig(), spec, checkpoint_dir, checkpoint_interval_s)
-    run.on_curve = on_curve
-    return run.execute(resume)
+    return _Run(model, clean_data, loss_fn, config or TSCConfig(), spec, checkpoint_dir, checkpoint_interval_s,
+                on_curve).execute(resume)
 
 
 class _Run:
     """One purification run: its data, its position among the rounds' steps, and its checkpoints."""
 
-    def __init__(self, model, clean_data, loss_fn, config: TSCConfig, spec, checkpoint_dir, interval_s: float):
-        self.config, self.loss_fn = config, loss_fn
+    def __init__(self, model, clean_data, loss_fn, config: TSCConfig, spec, checkpoint_dir, interval_s: float,
+                 on_curve: CurveCallback | None = None):
+        self.config, self.loss_fn, self.on_curve = config, loss_fn, on_curve
         self.started = time.perf_counter()
         self.device = _model_device(model, config.device)
         num_examples = dataset_size(clean_data)
@@ -199,7 +199,6 @@ class _Run:
         self.middle: torch.Tensor | None = None           # a curve's middle control point, inside a curve
         self.loop: LoopState | None = None                # the optimisation loop's state, inside a curve/fine-tune
         self.pending: dict[str, Any] = {}                 # alignment summary and timings of the running stage
-        self.on_curve: CurveCallback | None = None
         self.compute = ComputeOptions(config.autocast, config.channels_last)
 
     # ------------------------------------------------------------------ the rounds
