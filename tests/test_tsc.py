@@ -80,3 +80,23 @@ def test_tsc_removes_a_badnets_backdoor(badnets):
     after = badnets.evaluate(result.model)
     assert after["asr"] < 30, after
     assert after["acc"] > 85, after
+
+
+def test_on_curve_sees_every_trained_curve_before_its_point_is_taken():
+    from tsc_fast.backdoor.models import DigitsCNN
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    config = TSCConfig(rounds=2, curve_steps=4, batch_size=16, progress=False, warn_below_steps=0)
+    seen = []
+
+    def record(round_, stage, curve, stats_batches):
+        assert isinstance(curve, BezierCurve)
+        point = curve.point(config.t_stage2 if stage == 2 else config.t_stage1)
+        seen.append((round_, stage, [p.detach().clone() for p in point.parameters()]))
+
+    result = purify(DigitsCNN(), data, config=config, on_curve=record)
+    assert [(r, s) for r, s, _ in seen] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    # the purified model is the last curve's point at t* (BN recalibration changes buffers, not weights)
+    for got, want in zip(result.model.parameters(), seen[-1][2]):
+        assert torch.equal(got.detach(), want)
