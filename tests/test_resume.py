@@ -192,3 +192,27 @@ def test_run_arguments_are_stored_with_absolute_paths(tmp_path, monkeypatch):
     save_run_arguments(Path("out"), ["purify", "--model", "v.safetensors", "--arch", "cnn", "--out", "out"])
     stored = load_run_arguments(tmp_path / "out" / "checkpoints")
     assert stored == ["--model", str(tmp_path / "v.safetensors"), "--arch", "cnn", "--out", str(tmp_path / "out")]
+
+
+def test_resume_with_a_shuffling_user_dataloader(tmp_path, monkeypatch):
+    """A user's DataLoader(shuffle=True) draws its order from the global RNG: checkpoints carry that state."""
+    def loader():
+        return torch.utils.data.DataLoader(_data(), batch_size=16, shuffle=True)
+
+    expected = purify(_model(), loader(), config=CONFIG)
+    real_save, saves = checkpoint.save, []
+
+    def crashing_save(*args, **kwargs):
+        saves.append(real_save(*args, **kwargs))
+        if len(saves) == 7:  # after round 1's re-align: the RNG has moved through two curves
+            raise Interrupted
+        return saves[-1]
+
+    monkeypatch.setattr(checkpoint, "save", crashing_save)
+    with pytest.raises(Interrupted):
+        purify(_model(), loader(), config=CONFIG, checkpoint_dir=tmp_path, checkpoint_interval_s=0)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    model = _model()
+    torch.manual_seed(123)  # a fresh process does not share the interrupted one's RNG state
+    resumed = purify(model, loader(), config=CONFIG, checkpoint_dir=tmp_path, resume=True)
+    _assert_same_run(expected, resumed)

@@ -191,7 +191,7 @@ class _Run:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.interval_s = interval_s
         self.last_save = time.perf_counter()
-        self.identity = self._identity(model, num_examples, example) if self.checkpoint_dir else {}
+        self.identity = self._identity(model, num_examples, clean_data) if self.checkpoint_dir else {}
         # position and what the next step needs
         self.round, self.step = 0, STEPS[0]
         self.perms: dict[str, np.ndarray] | None = None   # the alignment feeding the next curve
@@ -301,14 +301,15 @@ class _Run:
         self._advance()
 
     # ------------------------------------------------------------------ checkpoints
-    def _identity(self, model: nn.Module, num_examples: int, example: Any) -> dict[str, Any]:
+    def _identity(self, model: nn.Module, num_examples: int, clean_data) -> dict[str, Any]:
         """What defines this run: a resumed run must match it (computed on rank 0, shared by all)."""
         settings = {k: v for k, v in self.config.to_dict().items() if k not in RESULT_NEUTRAL}
         identity = {"model": tensor_digest(model.state_dict()), "model_class": type(model).__name__,
                     "examples": num_examples, "settings": settings, "plan": dataclasses.asdict(self.plan),
                     "groups": dict(self.spec.groups), "loss_fn": getattr(self.loss_fn, "__qualname__", None)}
-        if torch.is_tensor(example):
-            identity["first_batch"] = tensor_digest([example])
+        first = _first_example(clean_data)
+        if torch.is_tensor(first):
+            identity["first_example"] = tensor_digest([first])
         return ddp.broadcast_object(json.loads(json.dumps(identity)))  # as a checkpoint will read it back
 
     def _save(self, interim: bool = False) -> None:
@@ -324,6 +325,8 @@ class _Run:
                 tensors.update({f"perm/{g}": torch.as_tensor(np.asarray(p)) for g, p in self.perms.items()})
             if self.middle is not None:
                 tensors["middle"] = self.middle
+            # the global RNG drives a user DataLoader's shuffling and dropout: a resumed run needs it too
+            tensors["rng/torch"] = torch.get_rng_state()
             meta = {"identity": self.identity, "round": self.round, "step": self.step,
                     "history": self.result.history, "pending": self.pending,
                     "perms_used": [{g: np.asarray(p).tolist() for g, p in ps.items()} for ps in self.result.perms],
@@ -351,12 +354,22 @@ class _Run:
         perms = part("perm/")
         self.perms = {g: p.numpy().astype(np.int64) for g, p in perms.items()} if perms else None
         self.middle = tensors.get("middle")
+        torch.set_rng_state(tensors["rng/torch"])
         self.loop = LoopState(**join_state(tensors, meta["loop"])) if "loop" in meta else None
         self.round, self.step = meta["round"], meta["step"]
         self.pending, self.result.history = meta["pending"], meta["history"]
         self.result.perms = [{g: np.asarray(p, dtype=np.int64) for g, p in ps.items()} for ps in meta["perms_used"]]
         self.result.resumed_from = str(self.checkpoint_dir)
         self.started -= meta["elapsed_s"]
+
+
+def _first_example(data: Dataset | DataLoader) -> Any:
+    """The input of the dataset's first example (not of a batch: a shuffled DataLoader's first batch varies)."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    try:
+        return batch_inputs(dataset[0])
+    except (TypeError, IndexError, KeyError):
+        return None
 
 
 def _stage_record(round_: int, stage: int, t: float, losses: list[float], alignment: dict[str, Any],
