@@ -160,7 +160,9 @@ def purify(model: nn.Module, clean_data: Dataset | DataLoader, loss_fn: LossFn |
     count from 1) before its point at t* is taken: to plot the loss landscape along it, for example.
 
     Under torch.distributed (e.g. launched by torchrun) every rank calls ``purify`` with the same arguments; each
-    uses its share of every batch (see :mod:`tsc_fast.distributed`) and all return the same model.
+    uses its share of every batch (see :mod:`tsc_fast.distributed`) and all return the same model. Rank 0 writes
+    the checkpoints; ``checkpoint_dir`` must be a folder every rank can read. A DataLoader passed as
+    ``clean_data`` is used as given: under torch.distributed give it a DistributedSampler.
     """
     return _Run(model, clean_data, loss_fn, config or TSCConfig(), spec, checkpoint_dir, checkpoint_interval_s,
                 on_curve).execute(resume)
