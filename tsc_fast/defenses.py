@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset
 from .backdoor.metrics import model_device
 from .batches import batch_inputs, dataset_size, make_loader
 from .curve import BezierCurve, LossFn, cross_entropy_loss, finetune, recalibrate_bn, train_curve
-from .training import optimise
 from .tsc import OFFICIAL_CURVE_STEPS, RunPlan, TSCConfig, purify
 
 CleanData = Union[Dataset, DataLoader]
@@ -296,19 +295,17 @@ def feature_shift_tuning(model: nn.Module, clean_data: CleanData, config: FSTCon
         with torch.no_grad():
             head.weight.mul_(original_norm / head.weight.norm().clamp_min(1e-12))
 
-    def step_loss(batch: Any, _: torch.Generator) -> torch.Tensor:
+    def fst_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         project_head()  # projecting before each step == projecting after the previous one
         alignment = (head.weight * original).sum()
-        return task_loss(tuned, batch) + config.alpha * alignment
+        return task_loss(model, batch) + config.alpha * alignment
 
-    tuned.train()
-    losses = optimise([p for p in tuned.parameters() if p.requires_grad],
-                      make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed), plan.curve_epochs,
-                      step_loss, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                      augment_shift=plan.augment_shift, seed=config.seed, device=device, desc="FST",
-                      progress=config.progress)
+    # the plain fine-tuning loop with FST's loss (so it also runs data-parallel, like FT)
+    losses = finetune(tuned, make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed),
+                      plan.curve_epochs, loss_fn=fst_loss, lr=config.lr, momentum=config.momentum,
+                      weight_decay=config.weight_decay, augment_shift=plan.augment_shift, seed=config.seed,
+                      device=device, desc="FST", progress=config.progress)
     project_head()
-    tuned.eval()
     cosines.append(head_cosine(head.weight, original))
     seconds = time.perf_counter() - started
     history = {"losses": losses, "head": head_name, "alpha": config.alpha,
