@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .suite import make_victim
+from .suite import make_victim, parse_names
 from .tsc import TSCConfig, purify
 
 
@@ -57,13 +57,7 @@ SWEEPS: dict[str, Sweep] = {
 
 
 def parse_sweeps(text: str | Sequence[str]) -> tuple[str, ...]:
-    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    if names == ["all"]:
-        return tuple(SWEEPS)
-    unknown = [n for n in names if n not in SWEEPS]
-    if unknown or not names:
-        raise ValueError(f"unknown sweep(s) {unknown or names}; known: all, {', '.join(SWEEPS)}")
-    return tuple(dict.fromkeys(names))
+    return parse_names(text, list(SWEEPS), "sweep", lower=False)
 
 
 @dataclass

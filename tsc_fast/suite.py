@@ -45,25 +45,27 @@ def known_attacks() -> list[str]:
     return sorted(ATTACKS) + [ADAPTIVE_PREFIX + name for name in ("badnets", "blended")]
 
 
+def parse_names(text: str | Sequence[str], known: Sequence[str], what: str,
+                all_names: Sequence[str] | None = None, lower: bool = True) -> tuple[str, ...]:
+    """A comma list (or sequence) of ``what`` names checked against ``known``, duplicates dropped, order kept;
+    ``"all"`` gives ``all_names`` (default: every known name)."""
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    names = [n.lower() for n in names] if lower else names
+    if names == ["all"]:
+        return tuple(known if all_names is None else all_names)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}(s) {unknown or names}; known: all, {', '.join(known)}")
+    return tuple(dict.fromkeys(names))
+
+
 def parse_attacks(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"all"`` (every package attack, adaptive ones excluded) or a comma list of names, validated."""
-    names = [s.strip().lower() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    if names == ["all"]:
-        return tuple(sorted(ATTACKS))
-    unknown = [n for n in names if n not in known_attacks()]
-    if unknown or not names:
-        raise ValueError(f"unknown attack(s) {unknown or names}; known: all, {', '.join(known_attacks())}")
-    return tuple(dict.fromkeys(names))
+    return parse_names(text, known_attacks(), "attack", all_names=sorted(ATTACKS))
 
 
 def parse_defenses(text: str | Sequence[str]) -> tuple[str, ...]:
-    names = [s.strip().lower() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    if names == ["all"]:
-        return tuple(DEFENSES)
-    unknown = [n for n in names if n not in DEFENSES]
-    if unknown or not names:
-        raise ValueError(f"unknown defense(s) {unknown or names}; known: all, {', '.join(DEFENSES)}")
-    return tuple(dict.fromkeys(names))
+    return parse_names(text, list(DEFENSES), "defense")
 
 
 def parse_rates(text: str | Sequence[float]) -> tuple[float, ...]:
