@@ -216,3 +216,17 @@ def test_resume_with_a_shuffling_user_dataloader(tmp_path, monkeypatch):
     torch.manual_seed(123)  # a fresh process does not share the interrupted one's RNG state
     resumed = purify(model, loader(), config=CONFIG, checkpoint_dir=tmp_path, resume=True)
     _assert_same_run(expected, resumed)
+
+
+def test_resume_accepts_the_same_paths_written_relatively_and_refuses_others(tmp_path, monkeypatch, capsys):
+    from tsc_fast.purify_cli import save_run_arguments
+
+    monkeypatch.chdir(tmp_path)
+    save_run_arguments(Path("out"), ["purify", "--model", "v.safetensors", "--arch", "cnn", "--out", "out"])
+    # the same model written relatively passes the check and fails later, on the missing file
+    assert main(["purify", "--resume", "out", "--model", "v.safetensors"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["purify", "--resume", "out", "--model", "other.safetensors"]) == 2
+    assert "differs from the interrupted run" in capsys.readouterr().err
+    assert main(["purify", "--resume", "out", "--arch", "mlp"]) == 2
+    assert "differs from the interrupted run" in capsys.readouterr().err

@@ -84,9 +84,10 @@ def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     stored = load_run_arguments(args.resume)
     extra = (["--no-progress"] if args.no_progress else []) + (["--json", str(args.json)] if args.json else [])
     resumed = build_parser().parse_args(["purify", *stored, *extra])
-    for name in ("model", "arch", "data", "out"):
+    for name in ("model", "arch", "out"):
         given, kept = getattr(args, name), getattr(resumed, name)
-        if given is not None and name != "data" and Path(given) != Path(kept):
+        same = str(given) == str(kept) if name == "arch" else Path(given or "").resolve() == Path(kept).resolve()
+        if given is not None and not same:
             raise ValueError(f"--{name} {given} differs from the interrupted run's {kept}; --resume continues "
                              f"that run with its own arguments")
     resumed.argv, resumed.resume = stored, args.resume
