@@ -196,7 +196,6 @@ class _Run:
         self.identity = self._identity(model, num_examples, clean_data) if self.checkpoint_dir else {}
         # position and what the next step needs
         self.round, self.step = 0, STEPS[0]
-        self.perms: dict[str, np.ndarray] | None = None   # the alignment feeding the next curve
         self.stage1_point: nn.Module | None = None
         self.middle: torch.Tensor | None = None           # a curve's middle control point, inside a curve
         self.loop: LoopState | None = None                # the optimisation loop's state, inside a curve/fine-tune
@@ -241,18 +240,17 @@ class _Run:
         self._aligned(alignment, time.perf_counter() - t0)
 
     def _aligned(self, alignment, seconds: float) -> None:
-        self.perms = alignment.perms
-        self.result.perms.append(alignment.perms)
+        self.result.perms.append(alignment.perms)  # the last one feeds the next curve
         self.pending = {"alignment": alignment.summary(), "seconds": {"align": seconds}}
         self._advance()
 
     def _curve1(self) -> None:
-        unaligned = permute(self.current, self.spec, self.perms)
+        unaligned = permute(self.current, self.spec, self.result.perms[-1])
         self.stage1_point = self._curve(self.current, unaligned, self.config.t_stage1, stage=1)
         self._advance()
 
     def _curve2(self) -> None:
-        realigned = permute(self.current, self.spec, self.perms)
+        realigned = permute(self.current, self.spec, self.result.perms[-1])
         self.current = self._curve(realigned, self.stage1_point, self.config.t_stage2, stage=2)
         self.stage1_point = None
         self._advance()
@@ -323,8 +321,6 @@ class _Run:
             tensors = {f"model/{k}": v for k, v in self.current.state_dict().items()}
             if self.stage1_point is not None:
                 tensors.update({f"stage1/{k}": v for k, v in self.stage1_point.state_dict().items()})
-            if self.perms is not None:
-                tensors.update({f"perm/{g}": torch.as_tensor(np.asarray(p)) for g, p in self.perms.items()})
             if self.middle is not None:
                 tensors["middle"] = self.middle
             # the global RNG drives a user DataLoader's shuffling and dropout: a resumed run needs it too
@@ -353,8 +349,6 @@ class _Run:
         if stage1:
             self.stage1_point = copy.deepcopy(self.current)
             self.stage1_point.load_state_dict(stage1)
-        perms = part("perm/")
-        self.perms = {g: p.numpy().astype(np.int64) for g, p in perms.items()} if perms else None
         self.middle = tensors.get("middle")
         torch.set_rng_state(tensors["rng/torch"])
         self.loop = LoopState(**join_state(tensors, meta["loop"])) if "loop" in meta else None
