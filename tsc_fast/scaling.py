@@ -26,7 +26,6 @@ exponents, where the assignment stops being negligible), one log-log PNG per fam
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import math
 import os
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from . import reports
 
 FAMILIES = ("mlp", "cnn", "vit")
 SWEEP_NAMES = {"mlp": "hidden", "cnn": "multiplier", "vit": "mlp_ratio"}
@@ -526,16 +527,11 @@ def machine_description(threads: int | None) -> dict[str, str]:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """The rows' ``CSV_FIELDS`` columns, in that order (missing values empty), through ``reports.write_csv``."""
+    return reports.write_csv([{k: row.get(k, "") for k in CSV_FIELDS} for row in rows], path)
 
 
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+read_csv = reports.read_csv  # numbers come back as numbers; empty cells as ""
 
 
 def _fmt(value: float) -> str:
