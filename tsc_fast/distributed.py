@@ -104,7 +104,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
-        smallest = self._global_sizes()[-1] if self._global_sizes() else 0
+        sizes = self._global_sizes()
+        smallest = sizes[-1] if sizes else 0
         if smallest < self.world:
             raise ValueError(f"a global batch of {smallest} examples cannot give each of {self.world} processes "
                              f"one (examples {num_examples}, batch size {batch_size}); change the batch size")
