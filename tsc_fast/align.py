@@ -44,11 +44,13 @@ class Alignment:
         return {"cost_identity": self.cost_identity, "cost_achieved": self.cost_achieved, "seconds": self.seconds}
 
 
-def _solve_batch(matrices: list[np.ndarray], maximize: bool, backend: str) -> list[np.ndarray]:
+def _solve_batch(matrices: list[np.ndarray], maximize: bool, backend: str,
+                 threads: int | None = None) -> list[np.ndarray]:
     """Optimal assignments of many independent cost matrices (the native solver runs them in parallel threads)."""
     if not matrices:
         return []
-    return [np.asarray(p, dtype=np.int64) for p in assign.solve_many(matrices, maximize=maximize, backend=backend)]
+    return [np.asarray(p, dtype=np.int64)
+            for p in assign.solve_many(matrices, maximize=maximize, threads=threads, backend=backend)]
 
 
 def head_blocks(cost: np.ndarray, num_heads: int) -> np.ndarray:
@@ -84,14 +86,16 @@ def solve_heads(costs: list[np.ndarray], num_heads: int, maximize: bool,
     return [head_permutation(head_perm, within[part][np.arange(num_heads), head_perm]) for part in range(len(costs))]
 
 
-def _solve_groups(costs: dict[str, torch.Tensor], spec: PermutationSpec, maximize: bool,
-                  backend: str) -> dict[str, np.ndarray]:
-    """Every group's assignment: plain groups solved together in one batch, head-structured groups per
-    attention layer with the two-level :func:`solve_heads`."""
-    matrices = {g: c.detach().cpu().double().numpy() for g, c in costs.items()}
+def solve_groups(costs: dict[str, Any], spec: PermutationSpec, maximize: bool, backend: str = "auto",
+                 threads: int | None = None) -> dict[str, np.ndarray]:
+    """Every group's assignment (tensors or arrays in): plain groups solved together in one batch (on ``threads``
+    solver threads; None: the solver's default), head-structured groups per attention layer with the two-level
+    :func:`solve_heads`."""
+    matrices = {g: c.detach().cpu().double().numpy() if torch.is_tensor(c) else np.asarray(c, dtype=np.float64)
+                for g, c in costs.items()}
     headed = {g for entry in spec.heads.values() for g in entry["groups"]}
     plain = [g for g in matrices if g not in headed]
-    perms = dict(zip(plain, _solve_batch([matrices[g] for g in plain], maximize, backend)))
+    perms = dict(zip(plain, _solve_batch([matrices[g] for g in plain], maximize, backend, threads)))
     for entry in spec.heads.values():
         groups = entry["groups"]
         perms.update(zip(groups, solve_heads([matrices[g] for g in groups], entry["num_heads"], maximize, backend)))
@@ -134,7 +138,7 @@ def _align(model: nn.Module, spec: PermutationSpec, gather_costs, maximize: bool
     costs = gather_costs()
     t1 = time.perf_counter()
     # costs are pooled over all ranks, so one rank solves and the others receive the answer
-    perms = ddp.broadcast_object(_solve_groups(costs, spec, maximize=maximize, backend=backend)
+    perms = ddp.broadcast_object(solve_groups(costs, spec, maximize=maximize, backend=backend)
                                  if ddp.is_main() else None)
     t2 = time.perf_counter()
     permuted = permute(model, spec, perms)

@@ -240,15 +240,9 @@ def solve_all(costs: dict[str, np.ndarray], spec, backend: str, threads: int | N
     """Every group's un-align assignment (minimised; plain groups in one batch, attention groups head-aware, as
     :mod:`tsc_fast.align` solves them) and the summed optimal cost over all groups."""
     from . import assign
-    from .align import solve_heads
+    from .align import solve_groups
 
-    headed = {g for entry in spec.heads.values() for g in entry["groups"]}
-    plain = [g for g in costs if g not in headed]
-    solved = assign.solve_many([costs[g] for g in plain], maximize=False, threads=threads, backend=backend)
-    perms = {g: np.asarray(p, dtype=np.int64) for g, p in zip(plain, solved)}
-    for entry in spec.heads.values():
-        groups = entry["groups"]
-        perms.update(zip(groups, solve_heads([costs[g] for g in groups], entry["num_heads"], False, backend)))
+    perms = solve_groups(costs, spec, maximize=False, backend=backend, threads=threads)
     total = sum(assign.assignment_cost(costs[g], perms[g]) for g in costs)
     return perms, float(total)
 
