@@ -61,11 +61,10 @@ def build_model(name: str, image_size: int):
 
 
 def synthetic_data(n: int, size: int, classes: int = 1000, seed: int = 0):
-    import torch
-    from torch.utils.data import TensorDataset
+    """``n`` random 3 x size x size images with labels of ``classes`` classes (the scaling study's generator)."""
+    from tsc_fast.scaling import synthetic_data as random_dataset
 
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
+    return random_dataset((3, size, size), n, seed=seed, classes=classes)
 
 
 def tsc_config(args):

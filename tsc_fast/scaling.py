@@ -143,14 +143,14 @@ def build_model(family: str, width: int, config: ScalingConfig):
     raise ValueError(f"unknown family {family!r}")
 
 
-def synthetic_data(input_shape: Sequence[int], samples: int, seed: int = 0):
-    """A TensorDataset of ``samples`` standard-normal inputs and uniform labels of 10 classes."""
+def synthetic_data(input_shape: Sequence[int], samples: int, seed: int = 0, classes: int = 10):
+    """A TensorDataset of ``samples`` standard-normal inputs and uniform labels of ``classes`` classes."""
     import torch
     from torch.utils.data import TensorDataset
 
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((samples, *input_shape), generator=generator)
-    y = torch.randint(0, 10, (samples,), generator=generator)
+    y = torch.randint(0, classes, (samples,), generator=generator)
     return TensorDataset(x, y)
 
 
