@@ -86,8 +86,10 @@ def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     resumed = build_parser().parse_args(["purify", *stored, *extra])
     for name in ("model", "arch", "out"):
         given, kept = getattr(args, name), getattr(resumed, name)
-        same = str(given) == str(kept) if name == "arch" else Path(given or "").resolve() == Path(kept).resolve()
-        if given is not None and not same:
+        if given is None:
+            continue
+        same = given == kept if name == "arch" else Path(given).resolve() == Path(kept).resolve()
+        if not same:
             raise ValueError(f"--{name} {given} differs from the interrupted run's {kept}; --resume continues "
                              f"that run with its own arguments")
     resumed.argv, resumed.resume = stored, args.resume
