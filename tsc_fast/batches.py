@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .distributed import ShardedBatchSampler
+from .distributed import ShardedBatchSampler, set_epoch, shard_of
 
 
 def dataset_size(data: Dataset | DataLoader) -> int:
@@ -81,15 +82,59 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
     return padded[samples, channels, rows, cols]
 
 
-def augment_batch(batch: Any, max_shift: int, generator: torch.Generator | None = None,
-                  shard: tuple[int, int, int] | None = None) -> Any:
-    """Randomly translate the images of an (x, y, ...) batch; anything that is not an image batch passes through."""
-    if max_shift <= 0 or not isinstance(batch, (list, tuple)) or not batch:
-        return batch
-    x = batch[0]
-    if not (torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point()):
-        return batch
-    return type(batch)([random_translate(x, max_shift, generator, shard), *batch[1:]])
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None,
+                 shard: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Mirror each image of an (N, C, H, W) batch left-right with probability 1/2 (RandomHorizontalFlip).
+
+    ``shard``: as for :func:`random_translate` (draws for the global batch, this shard's used).
+    """
+    if x.dim() != 4:
+        return x
+    rank, world, total = shard if shard is not None else (0, 1, x.shape[0])
+    flip = (torch.rand(total, generator=generator) < 0.5)[rank::world].to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """The random augmentation of curve and fine-tune batches: RandomCrop(padding=shift) as a zero-filled
+    translation of up to ``shift`` pixels, then (``flip``) RandomHorizontalFlip. The default does nothing."""
+
+    shift: int = 0
+    flip: bool = False
+
+    def __call__(self, batch: Any, generator: torch.Generator | None = None,
+                 shard: tuple[int, int, int] | None = None) -> Any:
+        """Augment the images of an (x, y, ...) batch; anything that is not a float image batch passes through."""
+        if (self.shift <= 0 and not self.flip) or not isinstance(batch, (list, tuple)) or not batch:
+            return batch
+        x = batch[0]
+        if not (torch.is_tensor(x) and x.dim() == 4 and x.is_floating_point()):
+            return batch
+        x = random_translate(x, self.shift, generator, shard)
+        if self.flip:  # drawn after the shifts: a run without flips keeps its random stream
+            x = random_hflip(x, generator, shard)
+        return type(batch)([x, *batch[1:]])
+
+
+class AugmentedBatches:
+    """Batches of ``batches`` passed through ``augment``, with draws from a generator seeded by ``seed`` and the
+    pass number (``set_epoch``), so every pass is reproducible (and a resumed run draws the same)."""
+
+    def __init__(self, batches: Iterable[Any], augment: BatchAugment, seed: int):
+        self.batches, self.augment, self.seed, self.epoch = batches, augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        set_epoch(self.batches, epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for batch in self.batches:
+            yield self.augment(batch, generator, shard_of(batch))
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False) -> int:

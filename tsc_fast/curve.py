@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .batches import batch_inputs, to_device
+from .batches import BatchAugment, batch_inputs, to_device
 from .kernels.bezier import bezier_point
 from .modes import eval_mode
 from . import distributed as ddp
@@ -121,7 +121,7 @@ class _ModelObjective(nn.Module):
 
 def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
                 lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 5e-4, l2_coeff: float = 1e-4,
-                t_max: int | None = None, augment_shift: int = 0, seed: int = 0, device="cpu",
+                t_max: int | None = None, augment: BatchAugment = BatchAugment(), seed: int = 0, device="cpu",
                 desc: str = "curve", progress: bool = True, resume: LoopState | None = None,
                 on_epoch_end: Callable[[LoopState], None] | None = None,
                 compute: ComputeOptions = ComputeOptions()) -> list[float]:
@@ -138,15 +138,16 @@ def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss
 
     with ddp.global_batch_norm(curve.template):
         return optimise([curve.middle], batches, epochs, step_loss, lr=lr, momentum=momentum,
-                        weight_decay=weight_decay, t_max=t_max, augment_shift=augment_shift, seed=seed,
+                        weight_decay=weight_decay, t_max=t_max, augment=augment, seed=seed,
                         device=device, desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end,
                         compute=compute)
 
 
 def finetune(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
-             lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4, augment_shift: int = 0,
-             seed: int = 0, device="cpu", desc: str = "fine-tune", progress: bool = True,
-             resume: LoopState | None = None, on_epoch_end: Callable[[LoopState], None] | None = None,
+             lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4,
+             augment: BatchAugment = BatchAugment(), seed: int = 0, device="cpu", desc: str = "fine-tune",
+             progress: bool = True, resume: LoopState | None = None,
+             on_epoch_end: Callable[[LoopState], None] | None = None,
              compute: ComputeOptions = ComputeOptions()) -> list[float]:
     """Plain fine-tuning of all parameters (SGD, cosine), in train mode; the model is left in eval mode."""
     objective = ddp.wrap_for_training(_ModelObjective(model, loss_fn or cross_entropy_loss))
@@ -154,7 +155,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: 
     with ddp.global_batch_norm(model):
         losses = optimise([p for p in model.parameters() if p.requires_grad], batches, epochs,
                           lambda batch, _: objective(batch), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, augment_shift=augment_shift, seed=seed, device=device,
+                          weight_decay=weight_decay, augment=augment, seed=seed, device=device,
                           desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end,
                           compute=compute)
     model.eval()

@@ -174,7 +174,7 @@ def fine_tune(model: nn.Module, clean_data: CleanData, config: FTConfig | None =
     tuned = _fresh_copy(model, device)
     batches = make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed)
     losses = finetune(tuned, batches, plan.curve_epochs, loss_fn=loss_fn, lr=config.lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, augment_shift=plan.augment_shift, seed=config.seed,
+                      weight_decay=config.weight_decay, augment=plan.augment, seed=config.seed,
                       device=device, desc="FT", progress=config.progress)
     seconds = time.perf_counter() - started
     return DefenseResult(tuned.eval(), seconds, _budget(plan, dataset_size(clean_data), seconds),
@@ -206,7 +206,7 @@ def train_mcr_curve(model: nn.Module, clean_data: CleanData, config: MCRConfig |
     curve_losses = train_curve(curve, make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed + 1),
                                plan.curve_epochs, loss_fn=loss_fn, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, l2_coeff=config.l2_coeff,
-                               augment_shift=plan.augment_shift, seed=config.seed + 1, device=device,
+                               augment=plan.augment, seed=config.seed + 1, device=device,
                                desc="MCR curve", progress=config.progress)
     t2 = time.perf_counter()
     record = {"endpoint": endpoint, "curve_losses": curve_losses, "curve_plan": dataclasses.asdict(plan),
@@ -303,7 +303,7 @@ def feature_shift_tuning(model: nn.Module, clean_data: CleanData, config: FSTCon
     # the plain fine-tuning loop with FST's loss (so it also runs data-parallel, like FT)
     losses = finetune(tuned, make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed),
                       plan.curve_epochs, loss_fn=fst_loss, lr=config.lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, augment_shift=plan.augment_shift, seed=config.seed,
+                      weight_decay=config.weight_decay, augment=plan.augment, seed=config.seed,
                       device=device, desc="FST", progress=config.progress)
     project_head()
     cosines.append(head_cosine(head.weight, original))

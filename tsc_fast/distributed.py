@@ -239,6 +239,17 @@ def batch_size_of(batch: Any) -> int:
     return int(first.shape[0]) if torch.is_tensor(first) and first.dim() else 1
 
 
+def shard_of(batch: Any) -> tuple[int, int, int] | None:
+    """``(rank, world, global batch size)`` of a rank's share of a global batch; None outside torch.distributed.
+
+    Random augmentation draws for the whole global batch and takes this shard's draws, so that the same images
+    move the same way however the batch is split across processes.
+    """
+    if not is_distributed():
+        return None
+    return rank(), world_size(), int(global_sum(batch_size_of(batch)))
+
+
 __all__ = ["ShardedBatchSampler", "all_reduce_sum", "barrier", "batch_size_of", "broadcast_object", "global_batch_norm",
            "global_sum", "init_from_environment", "is_distributed", "is_main", "loss_scale", "rank", "set_epoch",
-           "world_size", "wrap_for_training"]
+           "shard_of", "world_size", "wrap_for_training"]

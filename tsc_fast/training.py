@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as ddp
-from .batches import augment_batch, to_device
+from .batches import BatchAugment, to_device
 
 
 def cosine_factor(epoch: int, t_max: int) -> float:
@@ -59,15 +59,16 @@ class LoopState:
 
 def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int,
              step_loss: Callable[[Any, torch.Generator], torch.Tensor], *, lr: float, momentum: float = 0.9,
-             weight_decay: float = 0.0, t_max: int | None = None, augment_shift: int = 0, seed: int = 0,
-             device: torch.device | str = "cpu", desc: str = "train", progress: bool = True,
+             weight_decay: float = 0.0, t_max: int | None = None, augment: BatchAugment = BatchAugment(),
+             seed: int = 0, device: torch.device | str = "cpu", desc: str = "train", progress: bool = True,
              resume: LoopState | None = None, on_epoch_end: Callable[[LoopState], None] | None = None,
              compute: ComputeOptions = ComputeOptions()) -> list[float]:
     """Run ``epochs`` passes of SGD over ``batches``; returns the mean loss of every epoch.
 
     ``step_loss(batch, generator)`` computes the mean loss of one (augmented, on-device) batch; the generator is
     the loop's seeded source of randomness (curve training draws t from it). The learning rate follows a cosine
-    schedule stepped per epoch with period ``t_max`` epochs (default: ``epochs``). ``resume``: continue from a
+    schedule stepped per epoch with period ``t_max`` epochs (default: ``epochs``); each batch is augmented by
+    ``augment`` with draws from that generator. ``resume``: continue from a
     state that ``on_epoch_end`` was handed earlier (called after every epoch). Under torch.distributed the
     recorded losses are global batch means, and every rank raises together if a loss is not finite.
     ``compute``: bf16 autocast and channels-last batches (see :class:`ComputeOptions`).
@@ -91,7 +92,7 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
         ddp.set_epoch(batches, epoch)
         total, count = 0.0, 0
         for batch in batches:
-            loss = _step(batch, step_loss, optimizer, generator, augment_shift, device, desc, epoch, compute)
+            loss = _step(batch, step_loss, optimizer, generator, augment, device, desc, epoch, compute)
             total += loss
             count += 1
         epoch_losses.append(total / max(count, 1))
@@ -102,21 +103,20 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
     return epoch_losses
 
 
-def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: torch.Generator, augment_shift: int,
+def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: torch.Generator, augment: BatchAugment,
           device, desc: str, epoch: int, compute: ComputeOptions) -> float:
     """One SGD step on one batch; returns the batch's mean loss (over all ranks' examples)."""
+    shard = ddp.shard_of(batch)
     local = ddp.batch_size_of(batch)
-    total = ddp.global_sum(local)
-    shard = (ddp.rank(), ddp.world_size(), int(total)) if ddp.is_distributed() else None
-    batch = augment_batch(to_device(batch, device), augment_shift, generator, shard)
+    batch = augment(to_device(batch, device), generator, shard)
     if compute.channels_last:
         batch = _channels_last(batch)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=compute.autocast == "bf16"):
         loss = step_loss(batch, generator)
-    value = ddp.global_sum(float(loss.detach()) * local) / total if shard else float(loss.detach())
+    value = ddp.global_sum(float(loss.detach()) * local) / shard[2] if shard else float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(f"{desc}: loss became {value} at epoch {epoch}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
-    (loss * ddp.loss_scale(local, total) if shard else loss).backward()
+    (loss * ddp.loss_scale(local, shard[2]) if shard else loss).backward()
     optimizer.step()
     return value

@@ -67,6 +67,7 @@ POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_
                   F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate}
 SHAPE_QUERY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "is_contiguous", "get_device"}
 NO_EFFECT_FUNCTIONS = {getattr, torch._assert, len}
+TAP_POINTS = ("activation", "layer_output")  # where features are read: see discover()
 
 
 def _is_tensor(value) -> bool:
@@ -165,6 +166,7 @@ class _Analyzer(fx.Interpreter):
         self.order: dict[fx.Node, int] = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.candidates: list[tuple[int, fx.Node, int, int]] = []  # (axis, node, dim index, ndim)
         self.heads: dict[str, tuple[int, int, int]] = {}  # attention module -> (num_heads, qk axis, vo axis)
+        self.producer_inputs: dict[fx.Node, list[int]] = {}  # conv/linear node -> axes of its input channels
 
     # helpers -----------------------------------------------------------------------------------------------
     def fresh(self, shape, fixed: str | None = None) -> tuple[Dim, ...]:
@@ -290,6 +292,7 @@ class _Analyzer(fx.Interpreter):
             return self.conv(n, x, args[0], module.groups, _join(path, "weight"), module.weight.shape,
                              _join(path, "bias") if module.bias is not None else None, result, producer=path)
         if isinstance(module, nn.Linear):
+            self.producer_inputs[n] = [a for a, _ in x[-1]]
             return self.linear(x, _join(path, "weight"), _join(path, "bias") if module.bias is not None else None,
                                module.out_features, producer=path)
         if isinstance(module, nn.Embedding):
@@ -413,6 +416,7 @@ class _Analyzer(fx.Interpreter):
         out_channels, in_per_group = weight_shape[0], weight_shape[1]
         in_channels = in_per_group * groups
         if groups == 1:
+            self.producer_inputs[n] = [a for a, _ in channel]
             self.axes.attach_dim(channel, weight_name, 1)
             out = self.fresh_dim(out_channels)
             self.axes.produce(out[0][0], producer)
@@ -860,7 +864,8 @@ def _refusal(name: str, cls: AxisClass) -> str:
             f"\nOverride: {override}, or write the PermutationSpec by hand (PermutationSpec(groups=..., axes=...)).")
 
 
-def discover(model: nn.Module, example_input, exclude: Iterable[str] = ()) -> PermutationSpec:
+def discover(model: nn.Module, example_input, exclude: Iterable[str] = (), tap_at: str = "activation"
+             ) -> PermutationSpec:
     """Find the permutation groups of ``model`` by tracing it with torch.fx and running it once on ``example_input``.
 
     Supported: Conv (groups=1, depthwise, and grouped with at least as many outputs as inputs: the channel groups
@@ -872,9 +877,18 @@ def discover(model: nn.Module, example_input, exclude: Iterable[str] = ()) -> Pe
     ``spec.heads``; see ``_attention`` for what qualifies). Units that move as blocks of channels have
     ``spec.taps[g].unit_channels > 1``. The model input axes and all output axes stay fixed. ``exclude``: module
     paths treated as opaque blocks (not traced into; their parameters and the axes of their inputs and outputs stay
-    unpermuted) -- the override for modules discovery refuses or cannot trace. The model's train/eval mode is restored afterwards; the example input only sets shapes.
+    unpermuted) -- the override for modules discovery refuses or cannot trace. The model's train/eval mode is
+    restored afterwards; the example input only sets shapes.
+
+    ``tap_at``: where each group's features are read for the correlation statistics (see ``TAP_POINTS``).
+    ``"activation"``: after the producing layer's norm and activation, residual streams after their last add.
+    ``"layer_output"``: the producing layer's raw output (before norm and activation), residual streams at their
+    first producer that is not a projection shortcut (the stem conv, then each stage's first residual branch) --
+    where the official TSC code reads its PreAct-ResNet-18 and ResNet-18 features.
     Raises UntraceableModelError / UnsupportedOperationError (both ValueError) with the override to use.
     """
+    if tap_at not in TAP_POINTS:
+        raise ValueError(f"tap_at must be one of {TAP_POINTS}, got {tap_at!r}")
     exclude = tuple(exclude)
     known = dict(model.named_modules())
     unknown = [p for p in exclude if p not in known or p == ""]
@@ -893,7 +907,7 @@ def discover(model: nn.Module, example_input, exclude: Iterable[str] = ()) -> Pe
         except Exception as error:
             raise ValueError(f"running {type(model).__name__} on example_input failed while discovering its "
                              f"permutations: {type(error).__name__}: {error}") from error
-    return _build_spec(model, gm, analyzer, exclude)
+    return _build_spec(model, gm, analyzer, exclude, tap_at)
 
 
 def _run_analysis(model, gm, state_keys, exclude, inputs, fake: bool) -> "_Analyzer":
@@ -908,7 +922,7 @@ def _run_analysis(model, gm, state_keys, exclude, inputs, fake: bool) -> "_Analy
     return analyzer
 
 
-def _build_spec(model, gm, analyzer: _Analyzer, exclude) -> PermutationSpec:
+def _build_spec(model, gm, analyzer: _Analyzer, exclude, tap_at: str) -> PermutationSpec:
     classes = analyzer.axes.classes()
     permutable = sorted((c for c in classes.values() if c.fixed is None and _units(c) > 1 and c.refs),
                         key=lambda c: c.first_seen)
@@ -923,6 +937,7 @@ def _build_spec(model, gm, analyzer: _Analyzer, exclude) -> PermutationSpec:
     candidates: dict[int, list[tuple[fx.Node, int, int]]] = {}
     for axis, node, dim, ndim in analyzer.candidates:
         candidates.setdefault(analyzer.axes.find(axis), []).append((node, dim, ndim))
+    streams = {c.root for c in permutable if c.residual_scopes}
     groups, axes, taps = {}, {}, {}
     attention_taps = {}
     heads = {}
@@ -941,7 +956,8 @@ def _build_spec(model, gm, analyzer: _Analyzer, exclude) -> PermutationSpec:
         groups[name] = _units(cls)
         axes[name] = sorted((AxisRef(r.name, r.dim, r.block * cls.granularity, r.offset) for r in cls.refs),
                             key=lambda r: (r.name, r.dim, r.offset))
-        tap = attention_taps.get(cls.root) or _choose_tap(cls, candidates.get(cls.root, []), analyzer, gm)
+        tap = attention_taps.get(cls.root) or _choose_tap(cls, candidates.get(cls.root, []), analyzer, gm,
+                                                          tap_at, streams)
         if tap is not None:
             taps[name] = dataclasses.replace(tap, unit_channels=cls.granularity)
     return PermutationSpec(groups, axes, taps, exclude, heads)
@@ -1004,13 +1020,20 @@ def _mutates(user: fx.Node, node: fx.Node, gm: fx.GraphModule) -> bool:
         user.args[0] is node
 
 
-def _choose_tap(cls: AxisClass, candidates, analyzer: _Analyzer, gm: fx.GraphModule) -> Tap | None:
-    """Residual stream: the value after its last residual add (then through a following activation). Other
-    groups: the producer's output, followed through BN and the next activation. Falls back to the first place."""
+def _choose_tap(cls: AxisClass, candidates, analyzer: _Analyzer, gm: fx.GraphModule, tap_at: str,
+                streams: set[int]) -> Tap | None:
+    """Where a group's features are read (see ``discover``'s ``tap_at``). With ``"activation"``: a residual stream
+    after its last residual add (then through a following activation), other groups at the producer's output
+    followed through BN and the next activation. Falls back to the first place the units appear."""
     if not candidates:
         return None
     where = {node: (dim, ndim) for node, dim, ndim in reversed(candidates)}  # first dim per node
     order = analyzer.order
+    if tap_at == "layer_output":
+        producer = _first_branch_producer(cls, where, analyzer, streams)
+        if producer is not None:
+            dim, ndim = where[producer]
+            return _tap_for_node(producer, -1 if dim == ndim - 1 else dim, gm, order)
     if cls.residual_scopes:
         last_add = max(order_ for order_, _ in cls.residual_scopes)
         start = next((node for node in where if order[node] == last_add), None)
@@ -1031,6 +1054,19 @@ def _choose_tap(cls: AxisClass, candidates, analyzer: _Analyzer, gm: fx.GraphMod
             break
     dim, ndim = where[node]
     return _tap_for_node(node, -1 if dim == ndim - 1 else dim, gm, order)
+
+
+def _first_branch_producer(cls: AxisClass, where, analyzer: _Analyzer, streams: set[int]) -> fx.Node | None:
+    """The first layer in execution order that produces the group's units, skipping projection shortcuts (layers
+    reading another residual stream: a stage's 1x1 downsampling conv) -- for a stream, its stem or the first
+    residual branch's last layer."""
+    producers = sorted((node for node in where if _produces(node, cls, analyzer)), key=analyzer.order.get)
+
+    def reads_other_stream(node: fx.Node) -> bool:
+        roots = {analyzer.axes.find(a) for a in analyzer.producer_inputs.get(node, [])}
+        return any(r in streams and r != cls.root for r in roots)
+
+    return next((n for n in producers if not reads_other_stream(n)), producers[0] if producers else None)
 
 
 def _produces(node: fx.Node, cls: AxisClass, analyzer: _Analyzer) -> bool:
