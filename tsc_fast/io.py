@@ -33,7 +33,7 @@ def save_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLi
     """Save a model's state dict (parameters and buffers) as safetensors; returns the path written.
 
     Tensors are copied to contiguous CPU memory (safetensors refuses views and shared storage, e.g. tied weights).
-    Missing parent folders are created.
+    Missing parent folders are created; the file is written atomically.
     """
     from safetensors.torch import save_file
 
@@ -45,7 +45,12 @@ def save_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLi
         tensors[name] = value.detach().to("cpu", copy=True).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:  # a temporary file renamed over the target: a killed save never leaves a truncated checkpoint
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -78,7 +83,8 @@ def _read_torch(path: Path) -> object:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path} was refused: it is not a plain tensor checkpoint ({_refusal_reason(error)}); tsc_fast never "
-            "unpickles arbitrary code: convert it to safetensors or a plain state dict"
+            "unpickles arbitrary code: convert it to safetensors or a plain state dict (a model saved whole with "
+            "torch.save(model): re-save it as torch.save(model.state_dict(), path) where you trust the file)"
         ) from error
     except Exception as error:  # a corrupt file can fail anywhere in torch's parser
         raise CheckpointError(
@@ -155,13 +161,31 @@ def _describe_mismatch(missing: list, unexpected: list, shapes: list, limit: int
     return "; ".join(parts)
 
 
+def _first_shape_mismatch(model: nn.Module, shapes: list) -> str:
+    """The first disagreeing tensor in the model's own order, both shapes, and a hint when only the classifier
+    differs in its number of outputs (the usual cause: another class count)."""
+    order = {name: i for i, name in enumerate(model.state_dict())}
+    name, checkpoint_shape, model_shape = min(shapes, key=lambda s: order[s[0]])
+    headline = f"{name}: checkpoint {checkpoint_shape} vs architecture {model_shape}"
+    parameters = [n for n, _ in model.named_parameters()]
+    classifier = parameters[-1].rpartition(".")[0] if parameters else None
+    only_outputs_differ = all(
+        n.rpartition(".")[0] == classifier and len(c) == len(m) and c[1:] == m[1:] for n, c, m in shapes
+    )
+    if classifier is not None and only_outputs_differ:
+        headline += (f"; was it trained with another --num-classes? (the checkpoint has {checkpoint_shape[0]} "
+                     f"outputs, the architecture {model_shape[0]})")
+    return headline + "; "
+
+
 def load_into(
     model: nn.Module, source: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True
 ) -> nn.Module:
     """Load a checkpoint file (or a state dict) into ``model``; returns the model.
 
     Raises ValueError naming the missing/unexpected keys (only when ``strict``) and every shape mismatch
-    (always) when the checkpoint does not fit the architecture.
+    (always) when the checkpoint does not fit the architecture; the first shape mismatch (in the model's order)
+    leads the message with both shapes.
     """
     if isinstance(source, Mapping):
         state, name = unwrap_state_dict(source, source="state dict"), "state dict"
@@ -174,6 +198,7 @@ def load_into(
     if missing or unexpected or shapes:
         raise ValueError(
             f"checkpoint {name} does not match the {type(model).__name__} architecture: "
+            + (_first_shape_mismatch(model, shapes) if shapes else "")
             + _describe_mismatch(missing, unexpected, shapes)
         )
     model.load_state_dict(state, strict=strict)
