@@ -224,16 +224,21 @@ def make_image_folders(root, classes=("n01", "n02", "n03"), per_class=2):
 
 def test_image_folders_are_lazy_resized_and_labelled(tmp_path):
     make_image_folders(tmp_path)
-    splits = load_image_folders(tmp_path, size=12)
+    splits = load_image_folders(tmp_path, size=12, lazy=True)
     assert isinstance(splits.train, ImageFolderDataset) and len(splits.train) == 6 and len(splits.test) == 6
+    assert "read lazily" in splits.layout and "val/ (3 classes, 6 images)" in splits.layout
     assert splits.classes == ("n01", "n02", "n03") and splits.num_classes == 3 and splits.image_shape == (3, 12, 12)
     image, label = splits.train[3]
     assert image.shape == (3, 12, 12) and image.dtype == torch.float32 and label == 1
     assert abs(float(image.mean()) * 255 - 41) < 2  # flat colour 41 survives resize and JPEG
     x, y = splits.test_tensors()
     assert x.shape == (6, 3, 12, 12) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    eager = load_image_folders(tmp_path, image_size=12)  # small images: decoded into memory, same values
+    assert isinstance(eager.train, torch.utils.data.TensorDataset) and "in memory" in eager.layout
+    assert torch.equal(eager.test_tensors()[0], x) and torch.equal(eager.test_tensors()[1], y)
     assert detect_layout(tmp_path) == "image_folder"
     assert load_dataset("imagenet100", root=tmp_path, size=8).name == "imagenet100"
+    assert load_dataset("imagenet", root=tmp_path, lazy=True).image_shape == (3, 224, 224)  # ImageNet's default
     assert load_dataset(str(tmp_path), size=8).name == "image_folder"
 
 

