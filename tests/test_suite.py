@@ -18,7 +18,8 @@ from tsc_fast.batches import make_loader
 from tsc_fast.cli import main
 from tsc_fast.curve import recalibrate_bn
 from tsc_fast.spec import discover
-from tsc_fast.suite import SuiteConfig, _losses_at, make_victim, parse_attacks
+from tsc_fast.backdoor.metrics import loss_metrics
+from tsc_fast.suite import SuiteConfig, make_victim, parse_attacks
 
 DEFENSES = ("tsc", "ft", "mcr", "fst")
 
@@ -160,7 +161,7 @@ def _straight_line_losses(setup, t):
             p.copy_((1 - t) * p + t * other[name])
     recalibrate_bn(point, batches)
     keep = setup.y_test != setup.attack.target
-    return _losses_at(point, setup.x_test, setup.y_test, setup.attack.apply(setup.x_test[keep]),
+    return loss_metrics(point, setup.x_test, setup.y_test, setup.attack.apply(setup.x_test[keep]),
                       setup.attack.target)
 
 

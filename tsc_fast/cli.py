@@ -10,14 +10,15 @@ from typing import Sequence
 DEFAULT_OUT = "tsc_fast_out"
 
 
-def _config_from_args(args: argparse.Namespace):
+def _config_from_args(args: argparse.Namespace, dataset: str | None = None):
+    """TSCConfig from the TSC flags; ``--official`` takes the official settings for ``dataset`` (its flips)."""
     from .tsc import TSCConfig
 
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("curve_steps", args.curve_steps),
-                                   ("t_stage1", args.t_stage1), ("t_stage2", args.t_stage2))
-                 if v is not None}
+    overrides = _tsc_overrides(args)
     overrides.update(seed=args.seed, progress=not args.no_progress)
-    return TSCConfig.official(**overrides) if args.official else TSCConfig(**overrides)
+    if args.official:
+        return TSCConfig.official(dataset=dataset or getattr(args, "data", None), **overrides)
+    return TSCConfig(**overrides)
 
 
 def _add_tsc_options(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,8 @@ def _add_tsc_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--curve-steps", type=int, help="optimiser steps per curve (default 2000)")
     group.add_argument("--t-stage1", type=float, help="t* of the stage-1 curve (default 0.4)")
     group.add_argument("--t-stage2", type=float, help="t* of the stage-2 curve (default 0.4)")
-    parser.add_argument("--clean-fraction", type=float, default=0.05, help="share of the training set the defender "
-                        "holds as clean data (default 0.05)")
+    parser.add_argument("--clean-fraction", type=float, help="share of the training set the defender holds as "
+                        "clean data (default 0.05; purify: all of a user's folder or .npz)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -44,36 +45,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
     report = run_demo(attack=args.attack, clean_fraction=args.clean_fraction, seed=args.seed,
-                      config=_config_from_args(args), out_dir=args.out, progress=not args.no_progress)
+                      config=_config_from_args(args), out_dir=args.out, progress=not args.no_progress,
+                      landscape=args.landscape)
     print(f"digits, {args.attack} backdoor (target {report['setup']['target']}), "
           f"{report['clean_examples']} clean images for TSC")
     print(format_table(report["before"], report["after"]))
     print(f"purified model: {report.get('model_path')}   total {report['seconds']:.1f} s "
           f"(TSC {report['purify_seconds']:.1f} s)")
+    for kind, path in (report.get("files") or {}).items():
+        print(f"report ({kind}): {path}")
     _write_json(args.json, report)
     return 0
 
 
 def _cmd_purify(args: argparse.Namespace) -> int:
     from . import distributed
-    from .purify_cli import purify_checkpoint, save_run_arguments
+    from .purify_cli import prepare_backdoorbench_job, prepare_checkpoint_job, run_job, save_run_arguments
 
     if args.resume is not None:
         args = _resumed_arguments(args)
-    missing = [f"--{name}" for name in ("model", "arch", "out") if getattr(args, name) is None]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} required (or --resume OUT of an interrupted run)")
+    if args.backdoorbench is None:
+        missing = [f"--{name}" for name in ("model", "arch", "out") if getattr(args, name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required (or --backdoorbench RECORD_DIR, or --resume OUT of an "
+                             f"interrupted run)")
+        job = prepare_checkpoint_job(
+            args.model, args.arch, args.data, num_classes=args.num_classes, image_size=args.image_size,
+            normalize=args.normalize, clean_fraction=args.clean_fraction, clean_count=args.clean_count,
+            attack=args.attack, target=args.target, trigger_png=args.trigger, mask_png=args.mask, seed=args.seed)
+        config = _config_from_args(args)
+    else:
+        job = prepare_backdoorbench_job(args.backdoorbench, data_dir=args.data_dir,
+                                        clean_fraction=args.clean_fraction, clean_count=args.clean_count,
+                                        seed=args.seed)
+        args.out = args.out or job.info.pop("default_out")
+        config = _config_from_args(args, dataset=job.info["dataset"])
+    # every input is read and checked: only now is the output folder touched
     distributed.init_from_environment()  # under torchrun: join the process group
     checkpoints = None if args.no_checkpoints else args.out / "checkpoints"
     if args.resume is None and distributed.is_main():
         save_run_arguments(args.out, args.argv)
-    report = purify_checkpoint(model_path=args.model, arch=args.arch, data=args.data, out_dir=args.out,
-                               attack=args.attack, target=args.target, clean_fraction=args.clean_fraction,
-                               seed=args.seed, config=_config_from_args(args), checkpoint_dir=checkpoints,
-                               resume=args.resume is not None, checkpoint_interval_s=args.checkpoint_interval)
+    report = run_job(job, args.out, config=config, checkpoint_dir=checkpoints, resume=args.resume is not None,
+                     checkpoint_interval_s=args.checkpoint_interval, landscape=args.landscape)
     if distributed.is_main():
-        print(report["text"])
-        _write_json(args.json, {k: v for k, v in report.items() if k != "text"})
+        print(report.pop("text"))
+        _write_json(args.json, report)
     return 0
 
 
@@ -84,11 +100,11 @@ def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     stored = load_run_arguments(args.resume)
     extra = (["--no-progress"] if args.no_progress else []) + (["--json", str(args.json)] if args.json else [])
     resumed = build_parser().parse_args(["purify", *stored, *extra])
-    for name in ("model", "arch", "out"):
+    for name in ("model", "arch", "out", "backdoorbench"):
         given, kept = getattr(args, name), getattr(resumed, name)
         if given is None:
             continue
-        same = given == kept if name == "arch" else Path(given).resolve() == Path(kept).resolve()
+        same = given == kept if name == "arch" else kept is not None and Path(given).resolve() == Path(kept).resolve()
         if not same:
             raise ValueError(f"--{name} {given} differs from the interrupted run's {kept}; --resume continues "
                              f"that run with its own arguments")
@@ -221,18 +237,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="backdoor a digits CNN, purify it, print ACC/ASR/RA before and after")
     demo.add_argument("--attack", default="badnets", choices=["badnets", "blended"])
-    demo.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="where the purified model is saved")
+    demo.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="where the purified model and "
+                      "report.json/report.png are saved")
+    demo.add_argument("--landscape", action="store_true", help="also plot the loss landscape along the last "
+                      "round's curves")
     _add_tsc_options(demo)
     demo.set_defaults(run=_cmd_demo)
 
-    purify = commands.add_parser("purify", help="purify a checkpoint with clean data (resumable)")
-    purify.add_argument("--model", type=Path, help="checkpoint (.safetensors, or a torch file loaded with "
-                        "weights_only=True)")
-    purify.add_argument("--arch", help="architecture name: mlp, cnn, preact_resnet18")
-    purify.add_argument("--data", default="digits", help="dataset name (digits)")
-    purify.add_argument("--out", type=Path, help="output folder (purified model, run.json, checkpoints/)")
-    purify.add_argument("--attack", help="if the trigger is known (badnets, blended): also report ASR and RA")
-    purify.add_argument("--target", type=int, default=0, help="attack target class, with --attack")
+    purify = commands.add_parser("purify", help="purify a checkpoint with clean data, or a BackdoorBench record "
+                                 "(resumable)")
+    model = purify.add_argument_group("model")
+    model.add_argument("--model", type=Path, help="checkpoint (.safetensors, or a torch file loaded with "
+                       "weights_only=True; state_dict/model wrappers and module. prefixes handled)")
+    model.add_argument("--arch", help="architecture: mlp, cnn, preact_resnet18; torchvision:NAME (resnet18, "
+                       "vgg16_bn, vit_b_16, ...); timm:NAME; or MODULE:CALLABLE, your own class or factory "
+                       "imported from the working directory or PYTHONPATH (called with num_classes=)")
+    model.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in "
+                       "the data)")
+    model.add_argument("--normalize", metavar="MEAN,STD", help="input normalisation in front of the network "
+                       "while purifying (the saved weights stay the bare network's): MEAN,STD, m1,..,mC,s1,..,sC, "
+                       "or a dataset name (cifar10, imagenet, ...)")
+    data = purify.add_argument_group("data")
+    data.add_argument("--data", default="digits", help="digits, mnist, or a path: an image-folder tree "
+                      "(train/ [+ test/ or val/] of class folders, or class folders directly), a CIFAR-10 "
+                      "python-batches folder, a GTSRB folder, or an .npz with x and y [, x_test, y_test]")
+    data.add_argument("--image-size", type=int, help="resize images to N x N")
+    data.add_argument("--clean-count", type=int, help="number of clean training examples TSC uses (instead of "
+                      "--clean-fraction)")
+    data.add_argument("--attack", help="if the trigger is one of the package's attacks (badnets, blended, ...): "
+                      "also report ASR and RA on the test data")
+    data.add_argument("--trigger", type=Path, metavar="PNG", help="your own patch trigger's pattern (with --mask): "
+                      "also report ASR and RA")
+    data.add_argument("--mask", type=Path, metavar="PNG", help="where --trigger applies (white: trigger)")
+    data.add_argument("--target", type=int, default=0, help="the attack's target class (default 0)")
+    bench = purify.add_argument_group("BackdoorBench")
+    bench.add_argument("--backdoorbench", type=Path, metavar="RECORD_DIR", help="purify a BackdoorBench attack "
+                       "record (its attack_result.pt); writes a BackdoorBench-style defense_result.pt too")
+    bench.add_argument("--data-dir", type=Path, metavar="DATA_ROOT", help="where the record's clean dataset lies "
+                       "(default: the record's data_path)")
+    purify.add_argument("--out", type=Path, help="output folder (purified model, report.json/png, run.json, "
+                        "checkpoints/); with --backdoorbench default RECORD_DIR/defense/tsc_fast")
+    purify.add_argument("--landscape", action="store_true", help="also record the loss landscape along the last "
+                        "round's curves (in the report; needs test data)")
     purify.add_argument("--resume", type=Path, metavar="OUT", help="continue the interrupted run whose output "
                         "folder is OUT, with that run's arguments; the result equals an uninterrupted run's")
     purify.add_argument("--checkpoint-interval", type=float, default=300.0, metavar="SECONDS",

@@ -5,43 +5,60 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .backdoor.metrics import loss_metrics
 from .backdoor.train import make_backdoored_digits
 from .io import save_model
+from .run_report import LandscapeRecorder
 from .tsc import TSCConfig, purify
 
 METRICS = ("acc", "asr", "ra")
+DEMO_CLEAN_FRACTION = 0.05  # the defender's share of the training set in TSC's setting
 
 
-def run_demo(attack: str = "badnets", clean_fraction: float = 0.05, seed: int = 0, rate: float = 0.1,
-             config: TSCConfig | None = None, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train a backdoored digits CNN, purify it, and return the JSON-able report of ``tsc-fast demo``."""
+def run_demo(attack: str = "badnets", clean_fraction: float | None = None, seed: int = 0, rate: float = 0.1,
+             config: TSCConfig | None = None, out_dir: str | Path | None = None, progress: bool = True,
+             landscape: bool = False) -> dict[str, Any]:
+    """Train a backdoored digits CNN, purify it, and return the JSON-able report of ``tsc-fast demo``.
+
+    With ``out_dir``: the purified model (``purified.safetensors``), ``report.json`` and ``report.png`` go there.
+    """
     started = time.perf_counter()
     config = config or TSCConfig(progress=progress, seed=seed)
+    clean_fraction = DEMO_CLEAN_FRACTION if clean_fraction is None else clean_fraction
     setup = make_backdoored_digits(attack=attack, rate=rate, seed=seed, progress=progress)
     clean = setup.clean_subset(clean_fraction, seed=seed)
-    result = purify(setup.model, clean, config=config)
-    report: dict[str, Any] = {
-        "before": setup.before,
-        "after": setup.evaluate(result.model),
-        "seconds": time.perf_counter() - started,
+    recorder = None
+    if landscape:
+        x_triggered = setup.attack.apply(setup.x_test[setup.y_test != setup.attack.target])
+
+        def profile(model):
+            return loss_metrics(model, setup.x_test, setup.y_test, x_triggered, setup.attack.target)
+
+        recorder = LandscapeRecorder(profile, config.rounds, config.t_stage1, config.t_stage2)
+    result = purify(setup.model, clean, config=config, on_curve=recorder)
+    after = setup.evaluate(result.model)
+    context: dict[str, Any] = {
+        "title": f"digits demo: {attack} backdoor, {len(clean)} clean images",
         "purify_seconds": result.seconds,
         "clean_examples": len(clean),
         "setup": setup.config,
-        "plan": vars(result.plan) if result.plan else None,
         "config": config.to_dict(),
-        "history": result.history,
+        "landscape": recorder.landscape if recorder else None,
     }
     if out_dir is not None:
-        path = Path(out_dir) / "purified.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(result.model, path)
-        report["model_path"] = str(path)
+        path = save_model(result.model, Path(out_dir) / "purified.safetensors")
+        context["model_path"] = str(path)
+        context["files"] = {k: str(v) for k, v in result.save_report(out_dir, setup.before, after, **context).items()}
+    report = result.report(setup.before, after, **context)
+    report.update(before=setup.before, after=after, history=result.history,
+                  seconds=time.perf_counter() - started)
     return report
 
 
 def format_table(before: dict[str, float], after: dict[str, float]) -> str:
-    """A before/after table of ACC, ASR and RA in percent."""
-    lines = [f"{'':8}{'ACC':>8}{'ASR':>8}{'RA':>8}"]
+    """A before/after table in percent of the metrics both rows have (ACC, and ASR/RA when the trigger is known)."""
+    names = [m for m in METRICS if m in before and m in after]
+    lines = [f"{'':8}" + "".join(f"{m.upper():>8}" for m in names)]
     for name, row in (("before", before), ("after", after)):
-        lines.append(f"{name:8}" + "".join(f"{row[m]:8.1f}" for m in METRICS))
+        lines.append(f"{name:8}" + "".join(f"{row[m]:8.1f}" for m in names))
     return "\n".join(lines)

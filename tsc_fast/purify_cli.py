@@ -1,55 +1,274 @@
-"""``tsc-fast purify``: load a checkpoint safely, purify it on a dataset's clean subset, save and report."""
+"""``tsc-fast purify``: a user's checkpoint and data (or a BackdoorBench record) in, a purified model and a report out.
+
+Work is split in two: ``prepare_*`` reads and checks every input (architecture, checkpoint, data, trigger) and
+writes nothing; :func:`run_job` purifies, evaluates and writes the outputs. A bad input therefore fails before the
+output folder is touched.
+"""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
 
 from . import distributed
-from .backdoor.attacks import build_attack
-from .backdoor.data import clean_subset, load_dataset
-from .backdoor.metrics import accuracy, evaluate, predict
-from .backdoor.train import build_classifier
-from .demo import format_table
+from .architectures import build_architecture, describe_architecture
+from .backdoor.attacks import Attack, PatchTrigger, build_attack, triggered_test_set
+from .backdoor.backdoorbench import NORMALIZATION, NormalizedModel
+from .backdoor.backdoorbench_defense import bare_network
+from .backdoor.data import DatasetSplits, clean_subset, load_dataset
+from .backdoor.metrics import accuracy, evaluate, loss_metrics, predict
 from .io import load_into, save_model
+from .run_report import LandscapeRecorder
 from .tsc import TSCConfig, purify
 
-def purify_checkpoint(model_path: str | Path, arch: str, data: str, out_dir: str | Path, attack: str | None = None,
-                      target: int = 0, clean_fraction: float = 0.05, seed: int = 0,
-                      config: TSCConfig | None = None, checkpoint_dir: str | Path | None = None,
-                      resume: bool = False, checkpoint_interval_s: float = 300.0) -> dict[str, Any]:
-    """Purify the checkpoint at ``model_path`` (architecture ``arch``) and save it to ``out_dir``.
+BENCHMARK_DATA = ("digits", "mnist", "cifar10", "gtsrb")  # training sets of which the defender holds a share
+DEFAULT_CLEAN_FRACTION = 0.05                             # of those; of a user's own folder or .npz: all of it
+LANDSCAPE_EXAMPLES = 512                                  # test images evaluated at every landscape point
+PURIFIED_FILE = "purified.safetensors"
+Metrics = dict[str, float]
 
-    ``checkpoint_dir``/``resume``/``checkpoint_interval_s``: see :func:`tsc_fast.tsc.purify`. Under
-    torch.distributed only rank 0 writes the purified model.
+
+@dataclass
+class PurifyJob:
+    """Everything a purification needs, read and checked.
+
+    ``model`` is what TSC purifies (the network, behind an input normalisation when there is one); ``unwrap``
+    turns a purified ``model`` back into the bare network whose weights are saved. ``evaluate`` gives metrics in
+    percent on the test data (None without test data); ``profile`` the losses a landscape point records.
     """
+
+    model: nn.Module
+    clean: Dataset
+    evaluate: Callable[[nn.Module], Metrics] | None
+    profile: Callable[[nn.Module], Metrics] | None
+    info: dict[str, Any]
+    unwrap: Callable[[nn.Module], nn.Module]
+    extra_outputs: list[Callable[[nn.Module, Path], Path]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def parse_normalization(text: str | None, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``--normalize``: a dataset name (``cifar10``, ``imagenet``, ...), ``MEAN,STD`` (one value each, for every
+    channel) or ``m1,..,mC,s1,..,sC``; None for no normalisation."""
+    if text is None:
+        return None
+    key = text.strip().lower()
+    if key in NORMALIZATION:
+        preset = NORMALIZATION[key]
+        if preset is None:
+            return None
+        mean, std = preset
+    else:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--normalize {text!r}: expected MEAN,STD, {2 * channels} comma-separated numbers "
+                             f"(the means, then the stds), or one of {', '.join(sorted(NORMALIZATION))}") from None
+        if len(values) == 2:
+            mean, std = (values[0],) * channels, (values[1],) * channels
+        elif len(values) == 2 * channels:
+            mean, std = tuple(values[:channels]), tuple(values[channels:])
+        else:
+            raise ValueError(f"--normalize {text!r}: {len(values)} numbers for {channels}-channel images; give "
+                             f"MEAN,STD or {2 * channels} numbers (the means, then the stds)")
+    if len(mean) != channels:
+        raise ValueError(f"--normalize {text!r} is for {len(mean)}-channel images, the data have {channels}")
+    if any(not s > 0 for s in std):
+        raise ValueError(f"--normalize {text!r}: every std must be positive")
+    return tuple(mean), tuple(std)
+
+
+def _trigger(attack: str | None, trigger_png: str | Path | None, mask_png: str | Path | None, target: int,
+             image_shape: Sequence[int], num_classes: int) -> Attack | None:
+    if not 0 <= target < num_classes:
+        raise ValueError(f"--target {target} is not a class of this data (0..{num_classes - 1})")
+    if (trigger_png is None) != (mask_png is None):
+        raise ValueError("--trigger and --mask go together: the pattern PNG and the mask PNG (white = trigger)")
+    if trigger_png is not None:
+        if attack is not None:
+            raise ValueError("give either --attack NAME or --trigger PNG --mask PNG, not both")
+        return PatchTrigger.from_png(trigger_png, mask_png, image_shape, target=target)
+    return build_attack(attack, image_shape, target=target) if attack else None
+
+
+def _clean_set(splits: DatasetSplits, fraction: float | None, count: int | None, seed: int) -> tuple[Dataset, str]:
+    if fraction is not None and count is not None:
+        raise ValueError("give --clean-fraction or --clean-count, not both")
+    if count is not None:
+        return clean_subset(splits.train, None, seed=seed, count=count), f"{count} examples"
+    if fraction is None:
+        fraction = DEFAULT_CLEAN_FRACTION if splits.name in BENCHMARK_DATA else 1.0
+    return clean_subset(splits.train, fraction, seed=seed), f"{fraction:g} of the training split"
+
+
+def _metric_functions(test: tuple[torch.Tensor, torch.Tensor] | None, trigger: Attack | None):
+    """(evaluate, profile) on the test data: ACC (+ ASR, RA with a trigger); clean/poisoned losses."""
+    if test is None:
+        return None, None
+    x_test, y_test = test
+
+    def evaluate_model(model: nn.Module) -> Metrics:
+        if trigger is None:
+            return {"acc": accuracy(predict(model, x_test), y_test)}
+        return evaluate(model, x_test, y_test, trigger)
+
+    x_few, y_few = x_test[:LANDSCAPE_EXAMPLES], y_test[:LANDSCAPE_EXAMPLES]
+    x_triggered = triggered_test_set(x_few, y_few, trigger)[0] if trigger is not None else None
+
+    def profile(model: nn.Module) -> Metrics:
+        return loss_metrics(model, x_few, y_few, x_triggered, trigger.target if trigger else None)
+
+    return evaluate_model, profile
+
+
+def prepare_checkpoint_job(model_path: str | Path, arch: str, data: str, num_classes: int | None = None,
+                           image_size: int | None = None, normalize: str | None = None,
+                           clean_fraction: float | None = None, clean_count: int | None = None,
+                           attack: str | None = None, target: int = 0, trigger_png: str | Path | None = None,
+                           mask_png: str | Path | None = None, seed: int = 0) -> PurifyJob:
+    """Read and check a checkpoint, its architecture, the data and the trigger (nothing is written)."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {model_path}")
-    splits = load_dataset(data)
-    model = build_classifier(arch, splits.image_shape, splits.num_classes, seed=seed)
-    load_into(model, model_path)
-    x_test, y_test = splits.test_tensors()
-    trigger = build_attack(attack, splits.image_shape, target=target) if attack else None
-    before = _metrics(model, x_test, y_test, trigger)
-    clean = clean_subset(splits.train, clean_fraction, seed=seed)
+    splits = load_dataset(data, seed=seed, **({"image_size": image_size} if image_size else {}))
+    classes = num_classes or splits.num_classes
+    if num_classes is not None and num_classes < splits.num_classes:
+        raise ValueError(f"--num-classes {num_classes}, but the data have labels up to {splits.num_classes - 1}")
+    network = build_architecture(arch, classes, image_shape=splits.image_shape, seed=seed)
+    load_into(network, model_path)
+    network.eval()
+    normalization = parse_normalization(normalize, splits.image_shape[0])
+    model = NormalizedModel(network, *normalization).eval() if normalization else network
+    trigger = _trigger(attack, trigger_png, mask_png, target, splits.image_shape, classes)
+    test = splits.test_tensors() if splits.has_test else None
+    evaluate_model, profile = _metric_functions(test, trigger)
+    clean, clean_rule = _clean_set(splits, clean_fraction, clean_count, seed)
+    info = {"title": f"{describe_architecture(arch)} on {splits.name}", "checkpoint": str(model_path.resolve()),
+            "architecture": describe_architecture(arch), "num_classes": classes,
+            "data": {"source": str(data), "layout": splits.layout, "image_shape": list(splits.image_shape),
+                     "train_examples": len(splits.train), "test_examples": len(test[0]) if test else 0},
+            "clean": {"examples": len(clean), "rule": clean_rule, "seed": seed},
+            "normalization": {"mean": list(normalization[0]), "std": list(normalization[1])} if normalization
+            else None,
+            "trigger": repr(trigger) if trigger is not None else None}
+    return PurifyJob(model, clean, evaluate_model, profile, info, unwrap=bare_network)
+
+
+def prepare_backdoorbench_job(record_dir: str | Path, data_dir: str | Path | None = None,
+                              clean_fraction: float | None = None, clean_count: int | None = None,
+                              seed: int = 0) -> PurifyJob:
+    """Read a BackdoorBench attack record, its clean data and its defender's subset (nothing is written).
+
+    The clean subset is BackdoorBench's own (``ratio`` 5%, ``random_seed`` 0 by default); metrics follow its
+    definitions on the record's poisoned test set. Besides ``purified.safetensors`` the job writes
+    ``defense_result.pt`` in BackdoorBench's form (its analysis scripts read it unchanged).
+    """
+    from .backdoor.backdoorbench import import_backdoorbench
+    from .backdoor.backdoorbench_defense import (DEFAULT_RATIO, attack_test_split, default_defense_dir,
+                                                 evaluate_backdoorbench, load_defender_data, save_defense_result)
+
+    if clean_count is not None:
+        raise ValueError("BackdoorBench's defenses take a share of the training set: use --clean-fraction "
+                         f"(default {DEFAULT_RATIO:g}) with --backdoorbench, not --clean-count")
+    record = import_backdoorbench(record_dir)
+    ratio = DEFAULT_RATIO if clean_fraction is None else clean_fraction
+    data = load_defender_data(record, data_root=data_dir, ratio=ratio, seed=seed)
+
+    def evaluate_model(model: nn.Module) -> Metrics:
+        return evaluate_backdoorbench(model, data.clean_test, data.bd_test)
+
+    x_few, y_few = data.clean_test[0][:LANDSCAPE_EXAMPLES], data.clean_test[1][:LANDSCAPE_EXAMPLES]
+    attacked = attack_test_split(data.bd_test) if data.bd_test is not None else None
+
+    def profile(model: nn.Module) -> Metrics:
+        if attacked is None:
+            return loss_metrics(model, x_few, y_few)
+        return loss_metrics(model, x_few, y_few, attacked.x[:LANDSCAPE_EXAMPLES], attacked.y[:LANDSCAPE_EXAMPLES])
+
+    def write_defense_result(network: nn.Module, out_dir: Path) -> Path:
+        return save_defense_result(out_dir, network, record.model_name, record.num_classes, record.image_shape[0])
+
+    info = {"title": f"BackdoorBench {record.model_name} on {record.dataset}", "dataset": record.dataset,
+            "default_out": default_defense_dir(record.record_dir),
+            "backdoorbench": {"record": str(Path(record_dir).resolve()), "model_name": record.model_name,
+                              "num_classes": record.num_classes, "data_folder": str(data.data_folder),
+                              "notes": record.notes + data.notes},
+            "clean": {"examples": len(data.clean_train[1]), "rule": f"BackdoorBench's ratio {ratio:g}, seed {seed}",
+                      "seed": seed},
+            "normalization": {"mean": list(record.normalization[0]), "std": list(record.normalization[1])}
+            if record.normalization else None}
+    clean = torch.utils.data.TensorDataset(*data.clean_train)
+    return PurifyJob(record.model, clean, evaluate_model, profile, info, unwrap=bare_network,
+                     extra_outputs=[write_defense_result])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def run_job(job: PurifyJob, out_dir: str | Path, config: TSCConfig | None = None,
+            checkpoint_dir: str | Path | None = None, resume: bool = False, checkpoint_interval_s: float = 300.0,
+            landscape: bool = False) -> dict[str, Any]:
+    """Purify ``job.model``, evaluate before and after, write the purified weights and the report into
+    ``out_dir``; returns the report (plus ``text``, a summary for the terminal). Under torch.distributed only
+    rank 0 writes."""
+    config = config or TSCConfig()
+    out_dir = Path(out_dir)
+    before = job.evaluate(job.model) if job.evaluate else None
+    recorder = None
+    if landscape and job.profile is not None:
+        recorder = LandscapeRecorder(job.profile, config.rounds, config.t_stage1, config.t_stage2)
     started = time.perf_counter()
-    result = purify(model, clean, config=config or TSCConfig(seed=seed), checkpoint_dir=checkpoint_dir,
-                    resume=resume, checkpoint_interval_s=checkpoint_interval_s)
-    after = _metrics(result.model, x_test, y_test, trigger)
-    out = Path(out_dir) / "purified.safetensors"
+    result = purify(job.model, job.clean, config=config, checkpoint_dir=checkpoint_dir, resume=resume,
+                    checkpoint_interval_s=checkpoint_interval_s, on_curve=recorder)
+    seconds = time.perf_counter() - started
+    after = job.evaluate(result.model) if job.evaluate else None
+    network = job.unwrap(result.model)
+    files: dict[str, str] = {}
+    report: dict[str, Any] = {}
     if distributed.is_main():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_model(result.model, out)
-    text = (format_table(before, after) if trigger else f"ACC before {before['acc']:.1f}  after {after['acc']:.1f}")
-    return {"before": before, "after": after, "seconds": time.perf_counter() - started, "model_path": str(out),
-            "clean_examples": len(clean), "history": result.history, "resumed_from": result.resumed_from,
-            "text": f"{text}\npurified model: {out}"}
+        files["model"] = str(save_model(network, out_dir / PURIFIED_FILE))
+        for write in job.extra_outputs:
+            path = write(network, out_dir)
+            files[path.stem] = str(path)
+        context = {**job.info, "config": config.to_dict(), "purify_seconds": seconds,
+                   "landscape": recorder.landscape if recorder else None, "files": files}
+        written = result.save_report(out_dir, before, after, **context)
+        files.update({f"report_{kind}": str(path) for kind, path in written.items()})
+        report = result.report(before, after, **context)
+    report["text"] = _summary(before, after, files)
+    return report
+
+
+def _summary(before: Metrics | None, after: Metrics | None, files: dict[str, str]) -> str:
+    if before is None or after is None:
+        lines = ["no test data: purified without before/after metrics"]
+    else:
+        from .demo import format_table
+
+        lines = [format_table(before, after)]
+    labels = {"model": "purified model", "defense_result": "BackdoorBench defense result",
+              "report_json": "report", "report_png": "report figure"}
+    lines += [f"{labels.get(kind, kind)}: {path}" for kind, path in files.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resuming: the run's own arguments
 
 
 RUN_FILE = "run.json"
-PATH_FLAGS = ("--model", "--out", "--json")
+PATH_FLAGS = ("--model", "--out", "--json", "--backdoorbench", "--data-dir", "--trigger", "--mask")
+NAME_OR_PATH_FLAGS = ("--data",)  # a name (digits, mnist) or a path: resolved only when it exists
 
 
 def save_run_arguments(out_dir: str | Path, argv: list[str]) -> Path:
@@ -58,7 +277,7 @@ def save_run_arguments(out_dir: str | Path, argv: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     argv = list(argv[1:] if argv and argv[0] == "purify" else argv)
     for i, flag in enumerate(argv[:-1]):  # absolute paths: the run may be resumed from another folder
-        if flag in PATH_FLAGS:
+        if flag in PATH_FLAGS or (flag in NAME_OR_PATH_FLAGS and Path(argv[i + 1]).exists()):
             argv[i + 1] = str(Path(argv[i + 1]).resolve())
     path.write_text(json.dumps({"argv": argv}, indent=1))
     return path
@@ -71,8 +290,3 @@ def load_run_arguments(folder: str | Path) -> list[str]:
         if candidate.is_file():
             return list(json.loads(candidate.read_text())["argv"])
     raise FileNotFoundError(f"no {RUN_FILE} in {folder}: --resume takes the output folder of a tsc-fast purify run")
-
-def _metrics(model, x_test, y_test, trigger) -> dict[str, float]:
-    if trigger is None:
-        return {"acc": accuracy(predict(model, x_test), y_test)}
-    return evaluate(model, x_test, y_test, trigger)

@@ -10,29 +10,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from .figures import is_valid_png, plot_landscape, pyplot, save_figure
+
 METRICS = ("acc", "asr", "ra")
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("the suite's plots need matplotlib: pip install 'tsc-fast[plot]'") from None
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def is_valid_png(path: str | Path) -> bool:
-    """True when ``path`` is a non-empty PNG file: the 8-byte signature and an IHDR chunk of positive size."""
-    data = Path(path).read_bytes() if Path(path).is_file() else b""
-    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return False
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return width > 0 and height > 0
 
 
 def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -167,32 +147,9 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 # plots
 
 
-def plot_landscape(landscape: dict[str, Any], path: str | Path) -> Path:
-    """The paper's landscape figure: clean and poisoned loss along t for the stage-1 and stage-2 curves."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, stage in zip(axes, ("stage1", "stage2")):
-        profile = landscape[stage]
-        ts = [p["t"] for p in profile]
-        ax.plot(ts, [p["clean_loss"] for p in profile], "o-", label="clean loss")
-        ax.plot(ts, [p["poison_loss"] for p in profile], "s-", label="poisoned loss (target label)")
-        ax.axvline(landscape[f"t_{stage}"], color="grey", linestyle="--", label="t*")
-        ax.set_yscale("log")
-        ax.set_xlabel("t")
-        start, end = ("original", "un-aligned copy") if stage == "stage1" else ("re-aligned original",
-                                                                               "stage-1 point")
-        ax.set_title(f"{stage[:5]} {stage[5:]}: {start} (t=0) -> {end} (t=1)", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cross-entropy (test)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"TSC round 1 loss landscape: {landscape.get('attack')}, rate {landscape.get('rate')}, "
-                 f"seed {landscape.get('seed')}, {landscape.get('curve_steps')} steps per curve", fontsize=10)
-    return _save(fig, path)
-
-
 def plot_defense_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """ACC and ASR per defense (bars: mean over attacks, rates and seeds of implanted victims; whiskers: sd)."""
-    plt = _pyplot()
+    plt = pyplot()
     used = [r for r in rows if str(r.get("implanted", True)) in ("True", "true", "1")] or list(rows)
     summary = summarise(used, keys=("defense",))
     names = [e["defense"] for e in summary]
@@ -207,12 +164,12 @@ def plot_defense_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylabel("percent")
     ax.legend()
     ax.set_title("ACC and ASR per defense (implanted victims)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attack_bars(rows: Sequence[dict[str, Any]], metric: str, path: str | Path) -> Path:
     """One group of bars per attack, one bar per defense, for ``metric`` (mean over rates and seeds)."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = summarise(rows, keys=("attack", "defense"))
     attacks = list(dict.fromkeys(e["attack"] for e in summary))
     defenses = list(dict.fromkeys(e["defense"] for e in summary))
@@ -227,13 +184,13 @@ def plot_attack_bars(rows: Sequence[dict[str, Any]], metric: str, path: str | Pa
     ax.set_ylim(0, 120)  # headroom for the legend above the 100% bars
     ax.set_ylabel(f"{metric.upper()} (%)")
     ax.legend(fontsize=8, ncol=min(5, len(defenses)), loc="upper center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], sweep: str, path: str | Path,
                baseline: dict[str, float] | None = None) -> Path:
     """ACC and ASR against the swept value (rows: ``{"value", "acc", "asr", ...}`` of one sweep)."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = summarise(rows, keys=("value",))
     labels = [str(e["value"]) for e in summary]
     numeric = all(isinstance(e["value"], (int, float)) and not isinstance(e["value"], bool) for e in summary)
@@ -253,16 +210,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], sweep: str, path: str | Path,
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title(f"ablation: {sweep}", fontsize=10)
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -547,9 +547,9 @@ def _pct(value: float) -> str:
 def plot_family(rows, family: str, config: ScalingConfig, path: Path) -> Path:
     """Log-log seconds per component against the sweep variable (fitted exponent in the legend, over the largest
     widths; LAP ours and scipy on the same axes), and the LAP's share of the statistics pass / curve epoch."""
-    from .reports import _pyplot
+    from .figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
     styles = {"lap_ours": dict(color="C3", lw=2.4, marker="o"), "lap_scipy": dict(color="C3", ls="--", marker="s"),
               "stats": dict(color="C0", marker="o"), "permute": dict(color="C7", marker="v"),

@@ -26,11 +26,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backdoor.attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
+from .backdoor.metrics import loss_metrics
 from .backdoor.train import BackdoorSetup, make_backdoored_digits
-from .curve import BezierCurve, recalibrate_bn
+from .run_report import LandscapeRecorder
 from .defenses import DEFENSES, run_defense
 from .tsc import TSCConfig, purify
 
@@ -157,29 +157,6 @@ def make_victim(attack: str, rate: float, seed: int, target: int = 0, epochs: in
 # the landscape figure's data
 
 
-def _losses_at(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor, x_triggered: torch.Tensor,
-               target: int) -> dict[str, float]:
-    """Clean loss, poisoned loss (triggered images against the TARGET label), ACC and ASR of one model."""
-    with torch.no_grad():
-        model.eval()
-        clean_logits, trig_logits = model(x_clean), model(x_triggered)
-    target_labels = torch.full((len(x_triggered),), target, dtype=torch.long)
-    return {"clean_loss": float(F.cross_entropy(clean_logits, y_clean)),
-            "poison_loss": float(F.cross_entropy(trig_logits, target_labels)),
-            "acc": float((clean_logits.argmax(1) == y_clean).float().mean() * 100),
-            "asr": float((trig_logits.argmax(1) == target).float().mean() * 100)}
-
-
-def _profile(curve: BezierCurve, ts: Sequence[float], stats_batches, evaluate: Callable[[nn.Module], dict]
-             ) -> list[dict[str, float]]:
-    profile = []
-    for t in ts:
-        point = curve.point(t)
-        recalibrate_bn(point, stats_batches)
-        profile.append({"t": float(t), **evaluate(point)})
-    return profile
-
-
 def landscape_curves(setup: BackdoorSetup, clean_data, config: TSCConfig | None = None,
                      points: int = 11) -> dict[str, Any]:
     """Round 1 of ``purify`` itself (stage-1 curve original -> un-aligned copy, stage-2 curve re-aligned
@@ -192,18 +169,13 @@ def landscape_curves(setup: BackdoorSetup, clean_data, config: TSCConfig | None 
     config = dataclasses.replace(config or TSCConfig(), rounds=1, progress=False, warn_below_steps=0)
     keep = setup.y_test != setup.attack.target
     x_triggered = setup.attack.apply(setup.x_test[keep])
-    ts = [i / (points - 1) for i in range(points)]
-    profiles: dict[str, list[dict[str, float]]] = {}
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return _losses_at(m, setup.x_test, setup.y_test, x_triggered, setup.attack.target)
+        return loss_metrics(m, setup.x_test, setup.y_test, x_triggered, setup.attack.target)
 
-    def record(round_: int, stage: int, curve: BezierCurve, stats_batches) -> None:
-        profiles[f"stage{stage}"] = _profile(curve, ts, stats_batches, evaluate)
-
-    result = purify(setup.model, clean_data, config=config, on_curve=record)
-    return {**profiles, "t_stage1": config.t_stage1, "t_stage2": config.t_stage2,
-            "curve_steps": result.plan.curve_steps, "attack": setup.config.get("attack"),
+    recorder = LandscapeRecorder(evaluate, config.rounds, config.t_stage1, config.t_stage2, points)
+    result = purify(setup.model, clean_data, config=config, on_curve=recorder)
+    return {**recorder.landscape, "curve_steps": result.plan.curve_steps, "attack": setup.config.get("attack"),
             "rate": setup.config.get("rate"), "seed": setup.config.get("seed")}
 
 

@@ -19,13 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from . import checkpoint
 from . import distributed as ddp
 from .align import realign, unalign
-from .batches import batch_inputs, dataset_size, default_shift, make_loader, steps_per_epoch
+from .batches import (AugmentedBatches, BatchAugment, batch_inputs, dataset_size, default_shift, make_loader,
+                      steps_per_epoch)
 from .checkpoint import join_state, split_state, tensor_digest
 from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
 from .spec import PermutationSpec, discover, permute
+from .run_report import build_report, write_report
 from .training import ComputeOptions, LoopState
 
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps
+OFFICIAL_CROP_PADDING = 4    # the official training transform: RandomCrop(size, padding=4) at every image size
+OFFICIAL_FLIPPED = ("cifar10",)  # datasets its training transform also flips horizontally
 
 
 def adaptive_batch_size(num_examples: int) -> int:
@@ -58,9 +62,16 @@ class TSCConfig:
     cosine_t_max: int | None = None       # cosine period in epochs; None: the number of epochs (official quirk: 100)
     finetune_epochs: int = 10             # between rounds, not after the last (official)
     finetune_lr: float = 1e-4
-    stats_batch_size: int = 128           # batches for correlation statistics and BN recalibration (official 128)
+    stats_batch_size: int = 128           # batches for correlation statistics (official 128)
+    bn_batch_size: int | None = None      # batches for BN recalibration; None: stats_batch_size (official: 256,
+                                          # its training loader's)
     augment_shift: int | None = None      # random translation (pixels) of curve/fine-tune images; None: 4 px at
                                           # 32 px scaled to the image size (official RandomCrop(padding=4)); 0: off
+    augment_flip: bool = False            # random horizontal flips too (official: CIFAR-10 only)
+    stats_augment: bool = False           # statistics and BN recalibration on augmented, shuffled batches as the
+                                          # official code does (its training loader); False: plain, in order
+    tap_at: str = "activation"            # where unit features are read (spec.discover): after norm+activation,
+                                          # or "layer_output" (raw layer outputs, the official code's choice)
     objective: str = "correlation"        # "correlation" (Pearson) or "second_moment" (uncentred, L2 objective)
     assign_backend: str = "auto"          # LAP backend: auto/native, scipy, lap
     autocast: str | None = None           # "bf16": curve and fine-tune forwards under bf16 autocast (GPU speed)
@@ -72,9 +83,17 @@ class TSCConfig:
     warn_below_steps: int = 1000          # warn when a curve would get fewer optimiser steps than this
 
     @classmethod
-    def official(cls, **overrides: Any) -> "TSCConfig":
-        """The official implementation's settings exactly: 200 epochs at batch 256, cosine T_max 100."""
-        settings = dict(curve_steps=None, curve_epochs=200, batch_size=256, cosine_t_max=100)
+    def official(cls, dataset: str | None = None, **overrides: Any) -> "TSCConfig":
+        """The official implementation's settings exactly (its PreAct-ResNet-18 / ResNet-18 code path).
+
+        200 epochs at batch 256 with cosine T_max 100; RandomCrop(padding=4) at every image size, plus
+        RandomHorizontalFlip for ``dataset="cifar10"`` (its transforms flip CIFAR-10 only); statistics at batch 128
+        and BN recalibration at batch 256 on those augmented, shuffled batches; features read at the raw layer
+        outputs (``tap_at="layer_output"``). ``overrides`` replace any of them.
+        """
+        settings = dict(curve_steps=None, curve_epochs=200, batch_size=256, cosine_t_max=100, bn_batch_size=256,
+                        augment_shift=OFFICIAL_CROP_PADDING, augment_flip=str(dataset).lower() in OFFICIAL_FLIPPED,
+                        stats_augment=True, tap_at="layer_output")
         settings.update(overrides)
         return cls(**settings)
 
@@ -84,7 +103,8 @@ class TSCConfig:
     def plan(self, num_examples: int, image_size: int | None, loader_batch_size: int | None = None) -> "RunPlan":
         """Concrete batch size, epochs and augmentation for a clean set of ``num_examples`` examples.
 
-        ``loader_batch_size``: the batch size of a DataLoader the user handed over (it wins: it is used as given).
+        ``loader_batch_size``: the batch size of a DataLoader the user handed over. Such a loader is used as given:
+        its batch size wins and nothing is added to its own transforms (no shift, no flip).
         """
         if num_examples <= 0:
             raise ValueError("the clean data is empty")
@@ -96,10 +116,16 @@ class TSCConfig:
             epochs = max(1, math.ceil(self.curve_steps / per_epoch))
         else:
             raise ValueError("set curve_steps or curve_epochs")
-        shift = self.augment_shift
-        if shift is None:
+        shift, flip = self.augment_shift, self.augment_flip
+        if loader_batch_size is not None:
+            if shift or flip:
+                warnings.warn("clean_data is a DataLoader, used as given: augment_shift/augment_flip are ignored "
+                              "(put the augmentation in its dataset's transforms)", stacklevel=3)
+            shift, flip = 0, False
+        elif shift is None:
             shift = default_shift(image_size) if image_size else 0
-        return RunPlan(batch, epochs, per_epoch * epochs, shift, self.cosine_t_max or epochs)
+        return RunPlan(batch, epochs, per_epoch * epochs, shift, self.cosine_t_max or epochs, flip,
+                       self.bn_batch_size or self.stats_batch_size)
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,13 @@ class RunPlan:
     curve_steps: int
     augment_shift: int
     cosine_t_max: int
+    augment_flip: bool = False
+    bn_batch_size: int = 128
+
+    @property
+    def augment(self) -> BatchAugment:
+        """The augmentation of curve and fine-tune batches."""
+        return BatchAugment(self.augment_shift, self.augment_flip)
 
 
 @dataclass
@@ -120,6 +153,16 @@ class TSCResult:
     seconds: float = 0.0
     perms: list[dict[str, np.ndarray]] = field(default_factory=list)  # per round and stage: the alignment used
     resumed_from: str | None = None                    # the checkpoint a resumed run started from
+
+    def report(self, before: dict | None = None, after: dict | None = None, **context: Any) -> dict[str, Any]:
+        """This run as plain JSON-able data (see :func:`tsc_fast.run_report.build_report`): ``before``/``after``
+        metrics in percent, per round and stage t*, curve losses, permutation costs, timings, plus ``context``."""
+        return build_report(self, before, after, **context)
+
+    def save_report(self, out_dir: str | Path, before: dict | None = None, after: dict | None = None,
+                    plot: bool = True, **context: Any) -> dict[str, Path]:
+        """Write ``out_dir/report.json`` and ``out_dir/report.png``; returns their paths."""
+        return write_report(self.report(before, after, **context), out_dir, plot=plot)
 
 
 def _image_size(x: Any) -> int | None:
@@ -187,8 +230,9 @@ class _Run:
                           f"barely bend and may leave the backdoor in place (CALIBRATION.md). Raise curve_steps "
                           f"or lower batch_size.", stacklevel=3)
         self.train_batches = make_loader(clean_data, self.plan.batch_size, shuffle=True, seed=config.seed)
+        self.clean_data = clean_data
         self.current = copy.deepcopy(model).to(self.device).eval()
-        self.spec = spec or discover(self.current, example.to(self.device))
+        self.spec = spec or discover(self.current, example.to(self.device), tap_at=config.tap_at)
         self.result = TSCResult(model=self.current, spec=self.spec, plan=self.plan)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.interval_s = interval_s
@@ -229,14 +273,27 @@ class _Run:
         c = self.config
         return dict(objective=c.objective, backend=c.assign_backend, device=self.device, verify=c.verify)
 
+    def _pass_batches(self, batch_size: int, purpose: int) -> Any:
+        """Batches for one statistics or BN pass: the plain, ordered stats batches, or (``stats_augment``) shuffled
+        and augmented ones drawn from a seed fixed by the round and the step (``purpose``), so resuming redraws
+        them exactly."""
+        if not self.config.stats_augment:
+            return self.stats_batches if batch_size == self.config.stats_batch_size else \
+                make_loader(self.clean_data, batch_size, shuffle=False)
+        seed = self.config.seed + 1000 * self.round + 100 + purpose
+        return AugmentedBatches(make_loader(self.clean_data, batch_size, shuffle=True, seed=seed), self.plan.augment,
+                                seed)
+
     def _unalign(self) -> None:
         t0 = time.perf_counter()
-        alignment = unalign(self.current, self.spec, self.stats_batches, **self._align_kw())
+        batches = self._pass_batches(self.config.stats_batch_size, STEPS.index("unalign"))
+        alignment = unalign(self.current, self.spec, batches, **self._align_kw())
         self._aligned(alignment, time.perf_counter() - t0)
 
     def _realign(self) -> None:
         t0 = time.perf_counter()
-        alignment = realign(self.current, self.stage1_point, self.spec, self.stats_batches, **self._align_kw())
+        batches = self._pass_batches(self.config.stats_batch_size, STEPS.index("realign"))
+        alignment = realign(self.current, self.stage1_point, self.spec, batches, **self._align_kw())
         self._aligned(alignment, time.perf_counter() - t0)
 
     def _aligned(self, alignment, seconds: float) -> None:
@@ -269,7 +326,7 @@ class _Run:
 
         losses = train_curve(curve, self.train_batches, plan.curve_epochs, loss_fn=self.loss_fn, lr=c.lr,
                              momentum=c.momentum, weight_decay=c.weight_decay, l2_coeff=c.l2_coeff,
-                             t_max=plan.cosine_t_max, augment_shift=plan.augment_shift,
+                             t_max=plan.cosine_t_max, augment=plan.augment,
                              seed=c.seed + 1000 * r + stage, device=self.device,
                              desc=f"round {r + 1}/{c.rounds} curve {stage}", progress=c.progress and ddp.is_main(),
                              resume=self.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None,
@@ -277,7 +334,7 @@ class _Run:
         if self.on_curve is not None:
             self.on_curve(r + 1, stage, curve, self.stats_batches)
         point = curve.point(t)
-        recalibrate_bn(point, self.stats_batches, device=self.device)
+        recalibrate_bn(point, self._pass_batches(plan.bn_batch_size, STEPS.index(f"curve{stage}")), device=self.device)
         seconds = {**self.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
         self.result.history.append(_stage_record(r, stage, t, losses, self.pending["alignment"], seconds))
         return point
@@ -293,7 +350,7 @@ class _Run:
         record = self.result.history[-1]
         record["finetune_losses"] = finetune(
             self.current, self.train_batches, c.finetune_epochs, loss_fn=self.loss_fn, lr=c.finetune_lr,
-            momentum=c.momentum, weight_decay=c.weight_decay, augment_shift=self.plan.augment_shift,
+            momentum=c.momentum, weight_decay=c.weight_decay, augment=self.plan.augment,
             seed=c.seed + 1000 * r + 3, device=self.device, desc=f"round {r + 1} fine-tune",
             progress=c.progress and ddp.is_main(), resume=self.loop,
             on_epoch_end=save_epoch if self.checkpoint_dir else None, compute=self.compute)

@@ -213,6 +213,67 @@ class Blended(Attack):
         return f"Blended(image_shape={self.image_shape}, target={self.target}, alpha={self.alpha})"
 
 
+class PatchTrigger(Attack):
+    """A user's own trigger: ``(1 - mask) * x + mask * pattern``, a pattern pasted where the mask is on.
+
+    ``pattern`` is (C, H, W) in [0, 1]; ``mask`` is (1, H, W) or (C, H, W) in [0, 1] (1: the pattern's pixel,
+    0: the image's, in between: blended). :meth:`from_png` reads both from image files.
+    """
+
+    name = "patch"
+
+    def __init__(self, image_shape: Sequence[int], pattern: torch.Tensor, mask: torch.Tensor, target: int = 0):
+        super().__init__(image_shape, target)
+        channels = self.image_shape[0]
+        pattern = torch.as_tensor(pattern, dtype=torch.float32)
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        if tuple(pattern.shape) != self.image_shape:
+            raise ValueError(f"trigger pattern must have shape {self.image_shape}, got {tuple(pattern.shape)}")
+        if mask.dim() != 3 or mask.shape[0] not in (1, channels) or tuple(mask.shape[1:]) != self.image_shape[1:]:
+            raise ValueError(f"trigger mask must have shape (1 or {channels}, {self.image_shape[1]}, "
+                             f"{self.image_shape[2]}), got {tuple(mask.shape)}")
+        for what, value in (("pattern", pattern), ("mask", mask)):
+            if not bool(torch.isfinite(value).all()) or float(value.min()) < 0 or float(value.max()) > 1:
+                raise ValueError(f"trigger {what} values must be in [0, 1]")
+        if not bool((mask > 0).any()):
+            raise ValueError("the trigger mask is empty (all zero): the trigger would change no pixel")
+        self.pattern, self.mask = pattern.clone(), mask.expand(channels, -1, -1).clone()
+
+    @classmethod
+    def from_png(cls, pattern_path, mask_path, image_shape: Sequence[int], target: int = 0) -> "PatchTrigger":
+        """Read the pattern and the mask from image files, resized to the images' size (the mask with nearest
+        neighbours, so a hard edge stays hard); the mask is read as grayscale, white = trigger."""
+        channels, height, width = _check_image_shape(image_shape)
+        pattern = _read_trigger_image(pattern_path, "L" if channels == 1 else "RGB", (width, height), "bilinear")
+        mask = _read_trigger_image(mask_path, "L", (width, height), "nearest")
+        return cls(image_shape, pattern, mask, target)
+
+    def _trigger(self, batch: torch.Tensor) -> torch.Tensor:
+        pattern = self.pattern.to(device=batch.device, dtype=batch.dtype)
+        mask = self.mask.to(device=batch.device, dtype=batch.dtype)
+        return (1.0 - mask) * batch + mask * pattern
+
+
+def _read_trigger_image(path, mode: str, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """An image file as a float (C, H, W) tensor in [0, 1], converted to ``mode`` and resized to ``size`` (W, H)."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trigger image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if image.size != size:
+                image = image.resize(size, Image.BILINEAR if resample == "bilinear" else Image.NEAREST)
+            array = np.array(image, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path} is not a readable image: {error}") from None
+    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+
 # --- poisoning helpers ----------------------------------------------------------------------------------------
 
 

@@ -22,20 +22,25 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Predicted labels (argmax of the logits) for ``x``, in eval mode; the model's mode is restored."""
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The model's outputs for ``x`` in eval mode, batch by batch, on the CPU; the model's mode is restored."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     was_training = model.training
     device = model_device(model)
     model.eval()
     try:
-        predictions = [
-            model(x[i : i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)
-        ]
+        outputs = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels (argmax of the logits) for ``x``, in eval mode; the model's mode is restored."""
+    if len(x) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return logits(model, x, batch_size).argmax(dim=1)
 
 
 def percent(hits: torch.Tensor) -> float:
@@ -70,3 +75,20 @@ def evaluate(
         "asr": attack_success_rate(triggered_predictions, attack.target),
         "ra": accuracy(triggered_predictions, y_true),
     }
+
+
+def loss_metrics(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor,
+                 x_triggered: torch.Tensor | None = None,
+                 target: int | torch.Tensor | None = None) -> dict[str, float]:
+    """Clean cross-entropy and ACC of one model; with triggered images also the poisoned loss (against the target
+    label: one class, or one label per image) and ASR: what a loss-landscape profile records at each point."""
+    import torch.nn.functional as F
+
+    clean = logits(model, x_clean)
+    result = {"clean_loss": float(F.cross_entropy(clean, y_clean.cpu())), "acc": accuracy(clean.argmax(1), y_clean)}
+    if x_triggered is not None and len(x_triggered):
+        triggered = logits(model, x_triggered)
+        labels = target.cpu().long() if torch.is_tensor(target) else \
+            torch.full((len(x_triggered),), int(target), dtype=torch.long)
+        result.update(poison_loss=float(F.cross_entropy(triggered, labels)), asr=accuracy(triggered.argmax(1), labels))
+    return result
