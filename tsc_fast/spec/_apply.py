@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ._discover import _eval_mode
+from ._ties import alias_sets, merge_aliases, tensor_aliases
 from ._types import AxisRef, InvarianceError, PermutationSpec
 
 
@@ -115,27 +116,76 @@ def permute_state_dict(state_dict: Mapping[str, torch.Tensor], spec: Permutation
                        perms: Mapping) -> dict[str, torch.Tensor]:
     """A new state dict with every group's axes permuted: new unit i = old unit ``perms[group][i]``.
 
+    All names of one tied tensor -- ``spec.aliases``, and names of ``state_dict`` holding the same memory as the
+    same view -- get the same permuted tensor (one object), so loading the result keeps the tie. A spec that
+    permutes two names of one tensor differently is refused (ValueError): no state dict could hold both.
     Pure: the input is not modified; tensors no group touches are shared with it (not copied).
     """
     checked = validate_perms(spec, perms)
-    per_axis: dict[tuple[str, int], list[tuple[AxisRef, np.ndarray]]] = {}
+    names_of = _tied_names(state_dict, spec.aliases)
+    per_axis: dict[tuple[str, int], list[tuple[AxisRef, np.ndarray, str]]] = {}
     for group, refs in spec.axes.items():
         for ref in refs:
-            if ref.name not in state_dict:
-                raise KeyError(f"spec group {group!r} permutes {ref.name!r}, which is not in the state dict")
-            per_axis.setdefault((ref.name, ref.dim), []).append((ref, checked[group]))
+            name = _present_name(ref.name, state_dict, names_of, group)
+            per_axis.setdefault((name, ref.dim), []).append((ref, checked[group], group))
+    _check_ties_permuted_alike(per_axis, names_of)
     result = dict(state_dict)
     for (name, dim), pieces in per_axis.items():
         tensor = result[name]
         if not -tensor.dim() <= dim < tensor.dim():
             raise ValueError(f"spec permutes dim {dim} of {name!r}, which has shape {tuple(tensor.shape)}")
-        index = _axis_indices(tensor.shape[dim], pieces, name)
+        index = _axis_indices(tensor.shape[dim], [(ref, perm) for ref, perm, _ in pieces], name)
         result[name] = tensor.index_select(dim, torch.from_numpy(index).to(tensor.device))
+    for name in {name for name, _ in per_axis}:  # every other name of a permuted tensor: the same new tensor
+        for other in names_of.get(name, ()):
+            if other != name and other in result:
+                result[other] = result[name]
     return result
 
 
+def _tied_names(state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, list[str]]:
+    """name -> all names of its tensor, for every name of a tied tensor (declared by the spec or sharing memory)."""
+    merged = merge_aliases(aliases, tensor_aliases(state_dict))
+    return {name: members for members in alias_sets(merged).values() for name in members}
+
+
+def _present_name(name: str, state_dict: Mapping, names_of: dict[str, list[str]], group: str) -> str:
+    """The name under which the state dict holds the tensor a spec axis names (the name, or another of its tensor)."""
+    if name in state_dict:
+        return name
+    present = [other for other in names_of.get(name, ()) if other in state_dict]
+    if not present:
+        raise KeyError(f"spec group {group!r} permutes {name!r}, which is not in the state dict")
+    return present[0]
+
+
+def _check_ties_permuted_alike(per_axis: dict[tuple[str, int], list[tuple[AxisRef, np.ndarray, str]]],
+                               names_of: dict[str, list[str]]) -> None:
+    """Names of one tensor must be permuted identically (same groups, axes, blocks), or only one of them named."""
+    moves: dict[str, set] = {}
+    for (name, dim), pieces in per_axis.items():
+        moves.setdefault(name, set()).update((dim, ref.block, ref.offset, group) for ref, _, group in pieces)
+    for name, move in moves.items():
+        for other in names_of.get(name, ()):
+            if other != name and other in moves and moves[other] != move:
+                raise ValueError(
+                    f"{name!r} and {other!r} are one tensor (tied), but the spec permutes them differently "
+                    f"({name!r}: {_describe_moves(move)}; {other!r}: {_describe_moves(moves[other])}), which no "
+                    "state dict can hold: loading it would keep only one name's version. Rediscover the spec "
+                    "(discover() links the names of a tied tensor) or name the tensor once, with spec.aliases.")
+
+
+def _describe_moves(move: set) -> str:
+    return ", ".join(f"dim {dim} by group {group!r}" + (f" in blocks of {block}" if block != 1 else "") +
+                     (f" at {offset}" if offset else "") for dim, block, offset, group in sorted(move))
+
+
 def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping) -> nn.Module:
-    """A deep copy of ``model`` with its weights, biases and BN buffers permuted (same function)."""
+    """A deep copy of ``model`` with its weights, biases and BN buffers permuted (same function).
+
+    Tied tensors stay tied: the copy shares a parameter wherever the model does (deepcopy keeps shared objects),
+    and every name of it is loaded with the same permuted tensor.
+    """
     permuted_state = permute_state_dict(model.state_dict(), spec, perms)
     clone = copy.deepcopy(model)
     clone.load_state_dict(permuted_state, strict=True)
@@ -166,27 +216,26 @@ def check_invariance(model: nn.Module, spec: PermutationSpec, example_input, rto
                      seed: int = 0, trials: int = 1) -> float:
     """Permute every group at random and check the outputs are unchanged; returns the largest relative error.
 
-    Runs in eval mode without copying the model (every module's train/eval flag is restored afterwards; the
-    permuted weights are passed through torch.func.functional_call, the model's own tensors are untouched).
-    Relative error is ``||out_permuted - out|| / ||out||`` (Frobenius norm over all output tensors, in float64).
-    Raises :class:`InvarianceError` when it exceeds ``rtol`` in any trial.
+    The permuted model is built by :func:`permute` itself -- the very model a user gets -- and both run in eval
+    mode, so a spec that permutes one name of a tied tensor differently from another cannot pass (each module's
+    train/eval flag is restored afterwards; the model's own tensors are untouched; one permuted copy of the model
+    exists at a time). Relative error is ``||out_permuted - out|| / ||out||`` (Frobenius norm over all output
+    tensors, in float64). Raises :class:`InvarianceError` when it exceeds ``rtol`` in any trial.
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     worst = 0.0
-    # eval mode is set and each module's own flag restored afterwards; the permuted weights run through a
-    # functional call, so no copy of the model is made
     with _eval_mode(model), torch.no_grad():
-        state = model.state_dict()
         reference = model(*inputs)
-        for trial in range(trials):
-            perms = random_permutations(spec, seed + trial)
-            permuted_state = permute_state_dict(state, spec, perms)
-            output = torch.func.functional_call(model, permuted_state, inputs, tie_weights=False, strict=False)
-            error = relative_error(output, reference)
-            worst = max(worst, error)
-            if not error <= rtol:  # also catches NaN
-                raise InvarianceError(
-                    f"random permutation of {len(spec.groups)} groups changed the output: relative error "
-                    f"{error:.3g} > rtol {rtol:g} (trial {trial}, seed {seed + trial}); the spec is wrong for this "
-                    "model")
+    for trial in range(trials):
+        permuted = permute(model, spec, random_permutations(spec, seed + trial)).eval()
+        with torch.no_grad():
+            output = permuted(*inputs)
+        del permuted
+        error = relative_error(output, reference)
+        worst = max(worst, error)
+        if not error <= rtol:  # also catches NaN
+            raise InvarianceError(
+                f"random permutation of {len(spec.groups)} groups changed the output: relative error "
+                f"{error:.3g} > rtol {rtol:g} (trial {trial}, seed {seed + trial}); the spec is wrong for this "
+                "model")
     return worst

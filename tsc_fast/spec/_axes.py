@@ -36,7 +36,8 @@ class AxisClass:
 class AxisUnion:
     """Union-find over axes; per axis: size, fixedness (kept at the root), refs, requirements, producers."""
 
-    def __init__(self):
+    def __init__(self, aliases: dict[str, str] | None = None):
+        self.aliases = dict(aliases or {})   # alias name -> canonical name of a tied tensor
         self.parent: list[int] = []
         self.size: list[int] = []
         self.fixed: list[str | None] = []
@@ -83,7 +84,11 @@ class AxisUnion:
         self.requirements.setdefault(a, []).append((node, reason))
 
     def attach(self, a: int, ref: AxisRef) -> None:
-        """Record that tensor axis ``ref`` is permuted with axis ``a``; one tensor range always has one owner."""
+        """Record that tensor axis ``ref`` is permuted with axis ``a``; one tensor range always has one owner.
+
+        An alias is recorded under its tensor's canonical name: all names of a tied tensor then share the owners
+        of their axes, so one permutation moves the tensor wherever it is used."""
+        ref = ref._replace(name=self.aliases.get(ref.name, ref.name))
         key = (ref.name, ref.dim, ref.block, ref.offset)
         owner = self.ref_owner.get(key)
         if owner is None:

@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ._attention import qkv_attention_heads
 from ._axes import AxisClass, AxisUnion, Dim
+from ._ties import alias_sets, describe_tie, overlapping_views, tensor_aliases
 from ._types import AxisRef, PermutationSpec, Tap, UnsupportedOperationError, UntraceableModelError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,11 +158,13 @@ def _eval_mode(model: nn.Module):
 # The analysis: an Interpreter that links axes while it runs the graph on the example input.
 # ---------------------------------------------------------------------------------------------------------------
 class _Analyzer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, state_keys: set[str], exclude: set[str]):
+    def __init__(self, gm: fx.GraphModule, state_shapes: dict[str, tuple[int, ...]], exclude: set[str],
+                 aliases: dict[str, str]):
         super().__init__(gm)
-        self.axes = AxisUnion()
-        self.state_keys = state_keys
+        self.axes = AxisUnion(aliases)
+        self.state_keys = set(state_shapes)
         self.exclude = exclude
+        self.fix_excluded_tensors(state_shapes)
         self.layouts: dict[fx.Node, object] = {}
         self.order: dict[fx.Node, int] = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.candidates: list[tuple[int, fx.Node, int, int]] = []  # (axis, node, dim index, ndim)
@@ -169,6 +172,15 @@ class _Analyzer(fx.Interpreter):
         self.producer_inputs: dict[fx.Node, list[int]] = {}  # conv/linear node -> axes of its input channels
 
     # helpers -----------------------------------------------------------------------------------------------
+    def fix_excluded_tensors(self, state_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every axis of an excluded module's tensors stays fixed: an opaque module must see its own weights, also
+        where they are reached from outside it (a tied tensor, or a get_attr of its parameter)."""
+        for name, shape in state_shapes.items():
+            path = next((p for p in self.exclude if name.startswith(p + ".")), None)
+            if path is not None:
+                for d, dim in enumerate(self.fresh(shape, f"tensor of excluded module {path!r}")):
+                    self.axes.attach_dim(dim, name, d)
+
     def fresh(self, shape, fixed: str | None = None) -> tuple[Dim, ...]:
         return tuple(((self.axes.new(s, fixed), 1),) for s in shape)
 
@@ -880,6 +892,13 @@ def discover(model: nn.Module, example_input, exclude: Iterable[str] = (), tap_a
     unpermuted) -- the override for modules discovery refuses or cannot trace. The model's train/eval mode is
     restored afterwards; the example input only sets shapes.
 
+    Tied tensors (one Parameter or buffer under several state_dict names: ``head.weight = embed.weight``, a buffer
+    registered in two modules) are permuted as one tensor: the axes of all its names are linked, ``spec.axes``
+    names it by its first name and ``spec.aliases`` maps the others to that name. Where keeping a tie forces groups
+    that the names alone would permute to stay fixed (it links them to the model input, say), discovery refuses
+    and names the tie and the modules to exclude; tensors whose memory overlaps as different views (a transpose)
+    are refused where permuted. An excluded module's own tensors stay fixed wherever they are used.
+
     ``tap_at``: where each group's features are read for the correlation statistics (see ``TAP_POINTS``).
     ``"activation"``: after the producing layer's norm and activation, residual streams after their last add.
     ``"layer_output"``: the producing layer's raw output (before norm and activation), residual streams at their
@@ -895,24 +914,33 @@ def discover(model: nn.Module, example_input, exclude: Iterable[str] = (), tap_a
     if unknown:
         raise ValueError(f"exclude names modules that do not exist: {unknown} (use paths from model.named_modules())")
     gm = trace(model, exclude)
-    state_keys = set(model.state_dict().keys())
+    state = model.state_dict(keep_vars=True)  # keep_vars: a shared Parameter is the same object under each name
+    shapes = {name: tuple(t.shape) for name, t in state.items() if _is_tensor(t)}
+    aliases = tensor_aliases(state)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    analyzer = _analyze(model, gm, shapes, exclude, inputs, aliases)
+    if aliases:  # what the names would allow untied tells which groups the ties cost
+        untied = _analyze(model, gm, shapes, exclude, inputs, {})
+        _refuse_groups_lost_to_ties(untied, analyzer, aliases, exclude, known)
+    return _build_spec(model, gm, analyzer, exclude, tap_at, aliases, overlapping_views(state))
+
+
+def _analyze(model, gm, shapes, exclude, inputs, aliases: dict[str, str]) -> "_Analyzer":
+    """The analysis on shape-only tensors, or for real where some op has no shape-only implementation."""
     try:
-        analyzer = _run_analysis(model, gm, state_keys, exclude, inputs, fake=True)
-    except Exception:  # some ops have no shape-only implementation: run for real
-        analyzer = None
-    if analyzer is None:
-        try:
-            analyzer = _run_analysis(model, gm, state_keys, exclude, inputs, fake=False)
-        except Exception as error:
-            raise ValueError(f"running {type(model).__name__} on example_input failed while discovering its "
-                             f"permutations: {type(error).__name__}: {error}") from error
-    return _build_spec(model, gm, analyzer, exclude, tap_at)
+        return _run_analysis(model, gm, shapes, exclude, inputs, aliases, fake=True)
+    except Exception:
+        pass
+    try:
+        return _run_analysis(model, gm, shapes, exclude, inputs, aliases, fake=False)
+    except Exception as error:
+        raise ValueError(f"running {type(model).__name__} on example_input failed while discovering its "
+                         f"permutations: {type(error).__name__}: {error}") from error
 
 
-def _run_analysis(model, gm, state_keys, exclude, inputs, fake: bool) -> "_Analyzer":
+def _run_analysis(model, gm, shapes, exclude, inputs, aliases, fake: bool) -> "_Analyzer":
     """Run the analysis; with ``fake`` on shape-only tensors (FakeTensorMode), so the input size costs nothing."""
-    analyzer = _Analyzer(gm, state_keys, set(exclude))
+    analyzer = _Analyzer(gm, shapes, set(exclude), aliases)
     with _eval_mode(model), torch.no_grad():
         if not fake:
             analyzer.run(*inputs)
@@ -922,18 +950,30 @@ def _run_analysis(model, gm, state_keys, exclude, inputs, fake: bool) -> "_Analy
     return analyzer
 
 
-def _build_spec(model, gm, analyzer: _Analyzer, exclude, tap_at: str) -> PermutationSpec:
+def _permutable_classes(analyzer: _Analyzer) -> list[AxisClass]:
+    """Classes that become groups (not fixed, more than one unit, moving some state_dict tensor), in graph order."""
     classes = analyzer.axes.classes()
-    permutable = sorted((c for c in classes.values() if c.fixed is None and _units(c) > 1 and c.refs),
-                        key=lambda c: c.first_seen)
+    return sorted((c for c in classes.values() if c.fixed is None and _units(c) > 1 and c.refs),
+                  key=lambda c: c.first_seen)
+
+
+def _group_names(permutable: list[AxisClass]) -> dict[int, str]:
     names: dict[int, str] = {}
     taken: set[str] = set()
     for cls in permutable:
         names[cls.root] = _unique(_group_name(cls), taken)
+    return names
+
+
+def _build_spec(model, gm, analyzer: _Analyzer, exclude, tap_at: str, aliases: dict[str, str],
+                overlaps: list[tuple[str, str]]) -> PermutationSpec:
+    permutable = _permutable_classes(analyzer)
+    names = _group_names(permutable)
     refused = [cls for cls in permutable if cls.requirements]
     if refused:
         raise UnsupportedOperationError("\n".join(_refusal(names[c.root], c) for c in refused))
-    _check_disjoint_refs(permutable, names)
+    _check_disjoint_refs(permutable, names, aliases)
+    _refuse_overlapping_views(permutable, names, aliases, overlaps)
     candidates: dict[int, list[tuple[fx.Node, int, int]]] = {}
     for axis, node, dim, ndim in analyzer.candidates:
         candidates.setdefault(analyzer.axes.find(axis), []).append((node, dim, ndim))
@@ -960,7 +1000,70 @@ def _build_spec(model, gm, analyzer: _Analyzer, exclude, tap_at: str) -> Permuta
                                                           tap_at, streams)
         if tap is not None:
             taps[name] = dataclasses.replace(tap, unit_channels=cls.granularity)
-    return PermutationSpec(groups, axes, taps, exclude, heads)
+    return PermutationSpec(groups, axes, taps, exclude, heads, aliases)
+
+
+def _under(name: str, paths) -> bool:
+    """Whether state_dict name ``name`` belongs to one of the module ``paths`` (or their submodules)."""
+    return any(name.startswith(p + ".") for p in paths)
+
+
+def _refuse_groups_lost_to_ties(untied: _Analyzer, tied: _Analyzer, aliases: dict[str, str], exclude,
+                                modules: dict[str, nn.Module]) -> None:
+    """Refuse where tying fixes groups that the names alone would permute (the tie links them to a fixed axis, or
+    to blocks they do not fit): keeping the tie costs those groups, which must not pass unnoticed. Ties through an
+    excluded module count as accepted: excluding it already keeps its tensors fixed."""
+    sets = alias_sets(aliases)
+    tied_classes = tied.axes.classes()
+    untied_permutable = _permutable_classes(untied)
+    names = _group_names(untied_permutable)
+    lost: list[tuple[str, int, str, list[str]]] = []   # (group, units, why fixed, canonical names of its ties)
+    for cls in untied_permutable:
+        ref = cls.refs[0]
+        owner = tied.axes.ref_owner.get((aliases.get(ref.name, ref.name), ref.dim, ref.block, ref.offset))
+        tied_cls = tied_classes[tied.axes.find(owner)] if owner is not None else None
+        if tied_cls is None or (tied_cls.fixed is None and _units(tied_cls) > 1):
+            continue
+        tensors = {r.name for r in tied_cls.refs}
+        involved = [c for c in sets if c in tensors] or list(sets)
+        if all(any(_under(m, exclude) for m in sets[c]) for c in involved):
+            continue
+        why = tied_cls.fixed or (f"axes that move only in blocks of {tied_cls.granularity} entries (grouped "
+                                 f"convolution or GroupNorm), which {tied_cls.size} entries do not split into")
+        lost.append((names[cls.root], _units(cls), why, involved))
+    if not lost:
+        return
+    ties = sorted({c for *_, involved in lost for c in involved})
+    suggested = sorted({m.rpartition(".")[0] for c in ties for m in sets[c][1:]} - {""} - set(exclude))
+    suggested = [p for p in suggested if p in modules]
+    groups = "; ".join(f"{g!r} ({n} units; linked to: {why})" for g, n, why, _ in lost)
+    override = (f"exclude the modules using the other names (discover(model, x, exclude={suggested!r})), which then "
+                "stay unpermuted with every group they touch" if suggested else
+                "exclude the modules using the tied tensor (discover(..., exclude=[path]))")
+    raise UnsupportedOperationError(
+        f"tied tensors {', '.join(describe_tie(c, sets[c]) for c in ties)} are one tensor under several names; "
+        f"keeping the tie forces groups that each name alone would permute to stay fixed: {groups}. Permuting the "
+        "names separately would break the tie and change the function, so discover() refuses rather than drop "
+        f"those groups silently.\nOverride: {override}; or untie the tensors (give each module its own copy); or "
+        "write the PermutationSpec by hand (PermutationSpec(groups=..., axes=..., aliases=...)).")
+
+
+def _refuse_overlapping_views(permutable: list[AxisClass], names: dict[int, str], aliases: dict[str, str],
+                              overlaps: list[tuple[str, str]]) -> None:
+    """Refuse to permute tensors whose memory overlaps another tensor's as a different view (a transpose or slice):
+    their axes cannot be related by name, and permuting one would scramble the other."""
+    overlapping = {aliases.get(n, n): pair for pair in overlaps for n in pair}
+    for cls in permutable:
+        hit = sorted({r.name for r in cls.refs} & set(overlapping))
+        if hit:
+            a, b = overlapping[hit[0]]
+            paths = sorted({n.rpartition(".")[0] for n in (a, b)} - {""})
+            raise UnsupportedOperationError(
+                f"group {names[cls.root]!r} would permute {hit[0]!r}, but the memory of {a!r} and {b!r} overlaps as "
+                "different views of one tensor (a transpose or slice of it): discover() cannot relate their axes, "
+                "and permuting one would scramble the other.\nOverride: exclude the modules holding them "
+                f"(discover(model, x, exclude={paths!r})), or give each its own copy (.clone()), or write the "
+                "PermutationSpec by hand.")
 
 
 def _units(cls: AxisClass) -> int:
@@ -968,7 +1071,7 @@ def _units(cls: AxisClass) -> int:
     return cls.size // cls.granularity if cls.size % cls.granularity == 0 else 1
 
 
-def _check_disjoint_refs(permutable: list[AxisClass], names: dict[int, str]) -> None:
+def _check_disjoint_refs(permutable: list[AxisClass], names: dict[int, str], aliases: dict[str, str]) -> None:
     spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
     for cls in permutable:
         for ref in cls.refs:
@@ -978,8 +1081,10 @@ def _check_disjoint_refs(permutable: list[AxisClass], names: dict[int, str]) -> 
         ranges.sort()
         for (s0, e0, g0), (s1, e1, g1) in zip(ranges, ranges[1:]):
             if s1 < e0:
+                tied = alias_sets(aliases).get(tensor)
+                what = f"the tied tensor {describe_tie(tensor, tied)}" if tied else repr(tensor)
                 raise UnsupportedOperationError(
-                    f"groups {g0!r} and {g1!r} both permute entries {s1}..{min(e0, e1) - 1} of {tensor!r} dim "
+                    f"groups {g0!r} and {g1!r} both permute entries {s1}..{min(e0, e1) - 1} of {what} dim "
                     f"{dim}; the model ties axes in a way discover() cannot express. Exclude a module or write the "
                     "spec by hand.")
 

@@ -98,6 +98,10 @@ class PermutationSpec:
         all come from one old head) and all groups of an entry move heads the same way; within a head each group
         may permute its units freely. Groups of an attention ``<path>`` are named ``<path>.qk`` (query/key
         projection rows) and ``<path>.vo`` (value rows and output-projection columns).
+    aliases: alias name -> canonical name, for state_dict names that refer to one tensor (a tied Parameter or
+        buffer, e.g. ``{"head.weight": "embed.weight"}``). ``axes`` names each tensor once, by its canonical name
+        (its first name in state_dict order); :func:`permute_state_dict` gives every alias the canonical name's
+        permuted tensor, so the tie is kept.
     """
 
     groups: dict[str, int]
@@ -105,10 +109,13 @@ class PermutationSpec:
     taps: dict[str, Tap] = dataclasses.field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     heads: dict[str, dict] = dataclasses.field(default_factory=dict)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.axes = {g: [AxisRef(*a) for a in refs] for g, refs in self.axes.items()}
         self.exclude = tuple(self.exclude)
+        self.aliases = {str(a): str(c) for a, c in self.aliases.items()}
+        _check_aliases(self.aliases, self.axes)
         if set(self.axes) != set(self.groups):
             raise ValueError(f"axes and groups name different groups: {sorted(set(self.axes) ^ set(self.groups))}")
         unknown_taps = set(self.taps) - set(self.groups)
@@ -135,6 +142,7 @@ class PermutationSpec:
             "taps": {g: dataclasses.asdict(t) for g, t in self.taps.items()},
             "exclude": list(self.exclude),
             "heads": {p: {"num_heads": h["num_heads"], "groups": list(h["groups"])} for p, h in self.heads.items()},
+            "aliases": dict(self.aliases),
         }
 
     @classmethod
@@ -142,7 +150,8 @@ class PermutationSpec:
         return cls(groups={g: int(n) for g, n in data["groups"].items()},
                    axes={g: [AxisRef(*a) for a in refs] for g, refs in data["axes"].items()},
                    taps={g: Tap(**t) for g, t in data.get("taps", {}).items()},
-                   exclude=tuple(data.get("exclude", ())), heads=data.get("heads", {}))
+                   exclude=tuple(data.get("exclude", ())), heads=data.get("heads", {}),
+                   aliases=data.get("aliases", {}))
 
     def subset(self, groups) -> "PermutationSpec":
         """The spec restricted to some groups (the others then stay unpermuted; still function-preserving)."""
@@ -158,15 +167,18 @@ class PermutationSpec:
                                  "of them or none")
         heads = {p: h for p, h in self.heads.items() if h["groups"][0] in kept}
         return PermutationSpec({g: self.groups[g] for g in groups}, {g: list(self.axes[g]) for g in groups},
-                               {g: self.taps[g] for g in groups if g in self.taps}, self.exclude, heads)
+                               {g: self.taps[g] for g in groups if g in self.taps}, self.exclude, heads,
+                               self.aliases)
 
     def __str__(self) -> str:
         n_tensors = len({a.name for refs in self.axes.values() for a in refs})
-        header = f"PermutationSpec: {len(self.groups)} groups over {n_tensors} tensors"
+        lines = [f"PermutationSpec: {len(self.groups)} groups over {n_tensors} tensors"]
+        if self.aliases:  # axes name a tied tensor by its canonical name only
+            lines.append("tied (alias = canonical): " + ", ".join(f"{a} = {c}" for a, c in self.aliases.items()))
         if not self.groups:
-            return header
+            return "\n".join(lines)
         name_w = max(len("group"), *(len(g) for g in self.groups))
-        lines = [header, f"{'group':<{name_w}}  {'units':>6}  {'tap':<40}  axes"]
+        lines.append(f"{'group':<{name_w}}  {'units':>6}  {'tap':<40}  axes")
         head_of = {g: (p, h["num_heads"]) for p, h in self.heads.items() for g in h["groups"]}
         for g, size in self.groups.items():
             tap = self.taps[g].describe() if g in self.taps else "-"
@@ -175,6 +187,19 @@ class PermutationSpec:
                 refs = f"[{head_of[g][1]} heads of {head_of[g][0]}] " + refs
             lines.append(f"{g:<{name_w}}  {size:>6}  {tap:<40}  {refs}")
         return "\n".join(lines)
+
+
+def _check_aliases(aliases: dict[str, str], axes: dict[str, list[AxisRef]]) -> None:
+    """Aliases point straight at a canonical name, and the axes name tensors only by their canonical names."""
+    for alias, canonical in aliases.items():
+        if alias == canonical or canonical in aliases:
+            raise ValueError(f"aliases must map each alias to its canonical name directly, got {alias!r} -> "
+                             f"{canonical!r}" + (f" -> {aliases[canonical]!r}" if canonical in aliases else ""))
+    for group, refs in axes.items():
+        for ref in refs:
+            if ref.name in aliases:
+                raise ValueError(f"group {group!r} names {ref.name!r}, an alias of {aliases[ref.name]!r}: name each "
+                                 "tied tensor once, by its canonical name")
 
 
 def _format_ref(ref: AxisRef) -> str:
