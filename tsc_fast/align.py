@@ -116,6 +116,9 @@ def verify_same_function(original: nn.Module, permuted: nn.Module, x: torch.Tens
     """Relative output difference ||f'(x) - f(x)|| / ||f(x)|| in eval mode; raises FunctionChangedError over rtol."""
     with eval_mode(original), eval_mode(permuted):
         ref, out = original(x), permuted(x)
+    if not bool(torch.isfinite(ref).all()):  # not the permutation's fault: say what is
+        raise FloatingPointError("the model's outputs on the clean data are NaN/inf before any permutation: "
+                                 "check the data and the weights for NaN/inf or overflowing values")
     err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
     if not err <= rtol:
         raise FunctionChangedError(f"permutation changed the model's outputs: relative error {err:.3g} > {rtol:g}")

@@ -25,17 +25,61 @@ class CheckpointError(ValueError):
     """A checkpoint folder is empty, corrupt, from another format, or belongs to a different run."""
 
 
+TMP_MARK = ".tmp-"
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(directory: Path) -> None:
+    """Make the renames into ``directory`` durable (a crash right after must not lose the new names)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files a killed writer left behind (never those of a writer that is still alive)."""
+    for path in directory.glob(f".*{TMP_MARK}*"):
+        pid = path.name.rpartition(TMP_MARK)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the plain-data part, in a canonical spelling (edits to the JSON are caught like tensor edits)."""
+    return _sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _latest(directory: Path) -> dict[str, Any] | None:
@@ -55,15 +99,20 @@ def save(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     previous = _latest(directory)
+    if previous is not None and (not isinstance(previous, dict) or isinstance(previous.get("index"), bool)
+                                 or not isinstance(previous.get("index"), int)):
+        raise CheckpointError(f"{directory / LATEST} is damaged (no checkpoint index): move the folder away")
     index = previous["index"] + 1 if previous else 0
     name = f"ckpt-{index:06d}"
     blob = to_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
     _write_atomically(directory / f"{name}.safetensors", blob)
     record = {"format": FORMAT, "index": index, "tensors": f"{name}.safetensors", "sha256": _sha256(blob),
-              "meta": meta}
+              "meta_sha256": _meta_digest(meta), "meta": meta}
     _write_atomically(directory / f"{name}.json", json.dumps(record, indent=1).encode())
     _write_atomically(directory / LATEST, json.dumps({"index": index, "name": name}).encode())
+    _fsync_folder(directory)
     _prune(directory, index)
+    _remove_stale_temporaries(directory)
     return directory / f"{name}.json"
 
 
@@ -88,14 +137,23 @@ def load(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     pointer = _latest(directory)
     if pointer is None:
         raise CheckpointError(f"no checkpoint in {directory} ({LATEST} is missing): nothing to resume")
-    record_path = directory / f"{pointer.get('name')}.json"
+    name = pointer.get("name") if isinstance(pointer, dict) else None
+    if not isinstance(name, str) or Path(name).name != name:
+        raise CheckpointError(f"{directory / LATEST} does not name a checkpoint of this folder; it is damaged")
+    record_path = directory / f"{name}.json"
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint record {record_path} cannot be read: {err}") from None
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{record_path} has checkpoint format {record.get('format')!r}; this version "
-                              f"reads format {FORMAT}")
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(f"{record_path} has checkpoint format {found!r}; this version reads format {FORMAT}")
+    if not isinstance(record.get("meta"), dict) or record.get("meta_sha256") != _meta_digest(record["meta"]):
+        raise CheckpointError(f"{record_path} was modified or damaged: its run state does not match the digest "
+                              "recorded with it; resume from an intact checkpoint or start afresh in another folder")
+    if not isinstance(record.get("tensors"), str) or not isinstance(record.get("sha256"), str) or \
+            Path(record["tensors"]).name != record["tensors"]:
+        raise CheckpointError(f"{record_path} does not name its tensor file and digest properly")
     tensor_path = directory / record["tensors"]
     try:
         blob = tensor_path.read_bytes()

@@ -92,8 +92,7 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
         ddp.set_epoch(batches, epoch)
         total, count = 0.0, 0
         for batch in batches:
-            loss = _step(batch, step_loss, optimizer, generator, augment, device, desc, epoch, compute)
-            total += loss
+            total += _step(batch, step_loss, optimizer, generator, augment, device, desc, epoch, count, compute)
             count += 1
         epoch_losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
@@ -103,8 +102,20 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
     return epoch_losses
 
 
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss or non-finite weights; the message says where."""
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one fused norm per tensor, one sync)."""
+    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    if not floats:
+        return True
+    return bool(torch.stack([n.float() for n in torch._foreach_norm(floats)]).isfinite().all())
+
+
 def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: torch.Generator, augment: BatchAugment,
-          device, desc: str, epoch: int, compute: ComputeOptions) -> float:
+          device, desc: str, epoch: int, step: int, compute: ComputeOptions) -> float:
     """One SGD step on one batch; returns the batch's mean loss (over all ranks' examples)."""
     shard = ddp.shard_of(batch)
     local = ddp.batch_size_of(batch)
@@ -113,10 +124,19 @@ def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: to
         batch = _channels_last(batch)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=compute.autocast == "bf16"):
         loss = step_loss(batch, generator)
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+        raise ValueError(f"{desc}: the loss must be a scalar tensor (0-dim; reduce it, e.g. with .mean()), got "
+                         f"{shape}")
     value = ddp.global_sum(float(loss.detach()) * local) / shard[2] if shard else float(loss.detach())
+    where = f"{desc}: epoch {epoch + 1}, step {step + 1}"
     if not math.isfinite(value):
-        raise FloatingPointError(f"{desc}: loss became {value} at epoch {epoch}; lower the learning rate")
+        raise DivergedError(f"{where}: the loss became {value}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     (loss * ddp.loss_scale(local, shard[2]) if shard else loss).backward()
     optimizer.step()
+    # a NaN/inf gradient passes the loss check above: the weights it leaves must be checked too
+    if not all_finite([p for group in optimizer.param_groups for p in group["params"]]):
+        raise DivergedError(f"{where}: the weights became NaN/inf after the optimiser step (a non-finite "
+                            "gradient); lower the learning rate")
     return value

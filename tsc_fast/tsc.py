@@ -16,16 +16,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import checkpoint
+from . import assign, checkpoint, inputs
+from . import validate as v
 from . import distributed as ddp
 from .align import realign, unalign
 from .batches import (AugmentedBatches, BatchAugment, batch_inputs, dataset_size, default_shift, make_loader,
                       steps_per_epoch)
 from .checkpoint import join_state, split_state, tensor_digest
 from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
-from .spec import PermutationSpec, discover, permute
+from .spec import TAP_POINTS, PermutationSpec, discover, permute
+from .stats import OBJECTIVES
 from .run_report import build_report, write_report
-from .training import ComputeOptions, LoopState
+from .training import ComputeOptions, DivergedError, LoopState, all_finite
 
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps
 OFFICIAL_CROP_PADDING = 4    # the official training transform: RandomCrop(size, padding=4) at every image size
@@ -82,6 +84,41 @@ class TSCConfig:
     progress: bool = True                 # progress bars
     warn_below_steps: int = 1000          # warn when a curve would get fewer optimiser steps than this
 
+    def __post_init__(self) -> None:
+        """Every setting checked at construction: a wrong one fails here, naming itself and what it accepts."""
+        v.integer("rounds", self.rounds, 1)
+        v.real("t_stage1", self.t_stage1, 0.0, 1.0)
+        v.real("t_stage2", self.t_stage2, 0.0, 1.0)
+        v.integer("curve_steps", self.curve_steps, 1, allow_none=True)
+        v.integer("curve_epochs", self.curve_epochs, 1, allow_none=True)
+        if self.curve_steps is None and self.curve_epochs is None:
+            raise v.SettingError("set curve_steps or curve_epochs (the curve budget), not both None")
+        v.integer("batch_size", self.batch_size, 1, allow_none=True)
+        v.real("lr", self.lr, 0.0, open_below=True)
+        v.real("momentum", self.momentum, 0.0, 1.0, open_above=True)
+        v.real("weight_decay", self.weight_decay, 0.0)
+        v.real("l2_coeff", self.l2_coeff, 0.0)
+        v.integer("cosine_t_max", self.cosine_t_max, 1, allow_none=True)
+        v.integer("finetune_epochs", self.finetune_epochs, 0)
+        v.real("finetune_lr", self.finetune_lr, 0.0, open_below=True)
+        v.integer("stats_batch_size", self.stats_batch_size, 1)
+        v.integer("bn_batch_size", self.bn_batch_size, 1, allow_none=True)
+        v.integer("augment_shift", self.augment_shift, 0, allow_none=True)
+        for flag in ("augment_flip", "stats_augment", "channels_last", "verify", "progress"):
+            v.boolean(flag, getattr(self, flag))
+        v.choice("tap_at", self.tap_at, TAP_POINTS)
+        v.choice("objective", self.objective, OBJECTIVES)
+        v.choice("assign_backend", self.assign_backend, assign.BACKENDS)
+        v.choice("autocast", self.autocast, ("bf16",), allow_none=True)
+        v.integer("seed", self.seed, 0)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise v.SettingError(f"device must be None or a torch device name ('cpu', 'cuda', 'cuda:1'), got "
+                                     f"{self.device!r}") from None
+        v.integer("warn_below_steps", self.warn_below_steps, 0)
+
     @classmethod
     def official(cls, dataset: str | None = None, **overrides: Any) -> "TSCConfig":
         """The official implementation's settings exactly (its PreAct-ResNet-18 / ResNet-18 code path).
@@ -112,10 +149,8 @@ class TSCConfig:
         per_epoch = steps_per_epoch(num_examples, batch)
         if self.curve_epochs is not None:
             epochs = self.curve_epochs
-        elif self.curve_steps is not None:
-            epochs = max(1, math.ceil(self.curve_steps / per_epoch))
         else:
-            raise ValueError("set curve_steps or curve_epochs")
+            epochs = max(1, math.ceil(self.curve_steps / per_epoch))
         shift, flip = self.augment_shift, self.augment_flip
         if loader_batch_size is not None:
             if shift or flip:
@@ -218,10 +253,17 @@ class _Run:
                  on_curve: CurveCallback | None = None):
         self.config, self.loss_fn, self.on_curve = config, loss_fn, on_curve
         self.started = time.perf_counter()
+        inputs.check_model(model)
+        inputs.check_clean_data(clean_data)
         self.device = _model_device(model, config.device)
         num_examples = dataset_size(clean_data)
+        if num_examples == 0:
+            raise ValueError("the clean data are empty")
         self.stats_batches = make_loader(clean_data, config.stats_batch_size, shuffle=False)
-        example = batch_inputs(next(iter(self.stats_batches)))
+        first = inputs.first_batch(self.stats_batches)
+        example = batch_inputs(first)
+        inputs.check_batch(model, first, example, self.device, loss_fn is None,
+                           inputs.dataset_labels_if_cheap(clean_data))
         loader_batch = clean_data.batch_size if isinstance(clean_data, DataLoader) else None
         self.plan = config.plan(num_examples, _image_size(example), loader_batch)
         if self.plan.curve_steps < config.warn_below_steps and ddp.is_main():
@@ -233,6 +275,10 @@ class _Run:
         self.clean_data = clean_data
         self.current = copy.deepcopy(model).to(self.device).eval()
         self.spec = spec or discover(self.current, example.to(self.device), tap_at=config.tap_at)
+        if not self.spec.groups:
+            raise ValueError(f"{type(model).__name__} has no permutation groups (no hidden units that can be "
+                             "permuted without changing its function): TSC has nothing to permute. Check "
+                             "print(tsc_fast.discover(model, x)) and any `exclude` you passed")
         self.result = TSCResult(model=self.current, spec=self.spec, plan=self.plan)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.interval_s = interval_s
@@ -335,6 +381,7 @@ class _Run:
             self.on_curve(r + 1, stage, curve, self.stats_batches)
         point = curve.point(t)
         recalibrate_bn(point, self._pass_batches(plan.bn_batch_size, STEPS.index(f"curve{stage}")), device=self.device)
+        _require_finite(point, f"round {r + 1}, stage {stage}: the curve point at t={t:g}")
         seconds = {**self.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
         self.result.history.append(_stage_record(r, stage, t, losses, self.pending["alignment"], seconds))
         return point
@@ -355,6 +402,7 @@ class _Run:
             progress=c.progress and ddp.is_main(), resume=self.loop,
             on_epoch_end=save_epoch if self.checkpoint_dir else None, compute=self.compute)
         record["seconds"]["finetune"] = record["seconds"].get("finetune", 0.0) + time.perf_counter() - t0
+        _require_finite(self.current, f"round {r + 1}: the fine-tuned model")
         self._advance()
 
     # ------------------------------------------------------------------ checkpoints
@@ -396,7 +444,47 @@ class _Run:
 
     def _restore(self) -> None:
         tensors, meta = checkpoint.load(self.checkpoint_dir)
+        if not isinstance(meta.get("identity"), dict):
+            raise checkpoint.CheckpointError(f"the checkpoint in {self.checkpoint_dir} has no run identity")
         checkpoint.check_same_run(meta["identity"], self.identity, self.checkpoint_dir)
+        try:
+            self._check_position(meta, tensors)
+            self._load_state(tensors, meta)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            if isinstance(error, checkpoint.CheckpointError):
+                raise
+            raise checkpoint.CheckpointError(f"the checkpoint in {self.checkpoint_dir} cannot be resumed: its run "
+                                             f"state is damaged ({type(error).__name__}: {error})") from None
+
+    def _check_position(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """The saved position is one this run can reach, with what that position needs."""
+        rounds, round_, step = self.config.rounds, meta["round"], meta["step"]
+        if isinstance(round_, bool) or not isinstance(round_, int) or not 0 <= round_ <= rounds:
+            raise checkpoint.CheckpointError(f"checkpoint round {round_!r} is outside 0..{rounds}")
+        if step not in STEPS or (round_ == rounds and step != STEPS[0]):
+            raise checkpoint.CheckpointError(f"checkpoint step {step!r} is not one of {STEPS}")
+        perms = meta["perms_used"]
+        done = 2 * round_ + {"unalign": 0, "curve1": 1, "realign": 1, "curve2": 2, "finetune": 2}[step]
+        if not isinstance(perms, list) or len(perms) != done:
+            raise checkpoint.CheckpointError(f"checkpoint at round {round_ + 1} step {step!r} records "
+                                             f"{len(perms) if isinstance(perms, list) else perms!r} alignments, "
+                                             f"expected {done}")
+        for entry in perms:
+            if not isinstance(entry, dict) or set(entry) != set(self.spec.groups):
+                raise checkpoint.CheckpointError("checkpoint permutations name other groups than this model's")
+            for group, perm in entry.items():
+                if sorted(perm) != list(range(self.spec.groups[group])):
+                    raise checkpoint.CheckpointError(f"checkpoint permutation of {group!r} is not a permutation")
+        needs_stage1 = step in ("realign", "curve2")
+        if needs_stage1 != any(k.startswith("stage1/") for k in tensors):
+            raise checkpoint.CheckpointError(f"checkpoint at step {step!r} {'lacks' if needs_stage1 else 'has'} the "
+                                             "stage-1 point")
+        if not isinstance(meta["history"], list) or not isinstance(meta["pending"], dict):
+            raise checkpoint.CheckpointError("checkpoint history/pending records are damaged")
+        if not isinstance(meta["elapsed_s"], (int, float)) or not math.isfinite(meta["elapsed_s"]):
+            raise checkpoint.CheckpointError("checkpoint elapsed time is damaged")
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -414,6 +502,13 @@ class _Run:
         self.result.perms = [{g: np.asarray(p, dtype=np.int64) for g, p in ps.items()} for ps in meta["perms_used"]]
         self.result.resumed_from = str(self.checkpoint_dir)
         self.started -= meta["elapsed_s"]
+
+
+def _require_finite(model: nn.Module, what: str) -> None:
+    """Stop the run where it diverged: no later step, and no purified file, may build on NaN/inf weights."""
+    if not all_finite(list(model.parameters()) + list(model.buffers())):
+        raise DivergedError(f"{what} has NaN/inf weights or BatchNorm statistics: the run diverged there (lower "
+                            "the learning rate, or check the clean data)")
 
 
 def _first_example(data: Dataset | DataLoader) -> Any:
