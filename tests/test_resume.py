@@ -185,13 +185,19 @@ def test_cli_resume_errors_are_clear(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
 
 
-def test_run_arguments_are_stored_with_absolute_paths(tmp_path, monkeypatch):
-    from tsc_fast.purify_cli import load_run_arguments, save_run_arguments
+@pytest.mark.parametrize("spelling", [["--model", "v.safetensors"], ["--model=v.safetensors"],
+                                      ["--mod", "v.safetensors"]])
+def test_run_arguments_are_stored_with_absolute_paths_however_spelled(tmp_path, monkeypatch, spelling):
+    from tsc_fast.cli import _canonical_purify_argv, build_parser
+    from tsc_fast.run_folder import load_run_arguments, save_run_arguments
 
     monkeypatch.chdir(tmp_path)
-    save_run_arguments(Path("out"), ["purify", "--model", "v.safetensors", "--arch", "cnn", "--out", "out"])
-    stored = load_run_arguments(tmp_path / "out" / "checkpoints")
-    assert stored == ["--model", str(tmp_path / "v.safetensors"), "--arch", "cnn", "--out", str(tmp_path / "out")]
+    args = build_parser().parse_args(["purify", *spelling, "--arch", "cnn", "--out", "out", "--rounds", "2"])
+    save_run_arguments(Path("out"), _canonical_purify_argv(args), Path.cwd())
+    stored, cwd, folder = load_run_arguments(tmp_path / "out" / "checkpoints")
+    assert stored == ["--model", str(tmp_path / "v.safetensors"), "--arch", "cnn", "--out", str(tmp_path / "out"),
+                      "--rounds", "2"]
+    assert cwd == tmp_path and folder == tmp_path / "out"
 
 
 def test_resume_with_a_shuffling_user_dataloader(tmp_path, monkeypatch):
@@ -219,10 +225,11 @@ def test_resume_with_a_shuffling_user_dataloader(tmp_path, monkeypatch):
 
 
 def test_resume_accepts_the_same_paths_written_relatively_and_refuses_others(tmp_path, monkeypatch, capsys):
-    from tsc_fast.purify_cli import save_run_arguments
+    from tsc_fast.run_folder import save_run_arguments
 
     monkeypatch.chdir(tmp_path)
-    save_run_arguments(Path("out"), ["purify", "--model", "v.safetensors", "--arch", "cnn", "--out", "out"])
+    save_run_arguments(Path("out"), ["--model", str(tmp_path / "v.safetensors"), "--arch", "cnn", "--out",
+                                     str(tmp_path / "out")], tmp_path)
     # the same model written relatively passes the check and fails later, on the missing file
     assert main(["purify", "--resume", "out", "--model", "v.safetensors"]) == 2
     assert "not found" in capsys.readouterr().err

@@ -60,10 +60,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_purify(args: argparse.Namespace) -> int:
     from . import distributed
-    from .purify_cli import prepare_backdoorbench_job, prepare_checkpoint_job, run_job, save_run_arguments
+    from .purify_cli import prepare_backdoorbench_job, prepare_checkpoint_job, run_job
+    from .run_folder import check_output_folder, check_writable_file, clear_outputs, save_run_arguments
 
     if args.resume is not None:
+        if args.overwrite:
+            raise ValueError("--resume continues a run in its folder; --overwrite would delete it: choose one")
         args = _resumed_arguments(args)
+    elif args.out is not None:
+        args.out = check_output_folder(args.out, _input_files(args), args.overwrite)
+    check_writable_file(args.json, "--json")
+    config = _config_from_args(args)  # settings checked before any input is read
     if args.backdoorbench is None:
         missing = [f"--{name}" for name in ("model", "arch", "out") if getattr(args, name) is None]
         if missing:
@@ -73,18 +80,21 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             args.model, args.arch, args.data, num_classes=args.num_classes, image_size=args.image_size,
             normalize=args.normalize, clean_fraction=args.clean_fraction, clean_count=args.clean_count,
             attack=args.attack, target=args.target, trigger_png=args.trigger, mask_png=args.mask, seed=args.seed)
-        config = _config_from_args(args)
     else:
         job = prepare_backdoorbench_job(args.backdoorbench, data_dir=args.data_dir,
                                         clean_fraction=args.clean_fraction, clean_count=args.clean_count,
                                         seed=args.seed)
-        args.out = args.out or job.info.pop("default_out")
+        default_out = job.info.pop("default_out")
+        if args.out is None:
+            args.out = check_output_folder(default_out, _input_files(args), args.overwrite)
         config = _config_from_args(args, dataset=job.info["dataset"])
     # every input is read and checked: only now is the output folder touched
     distributed.init_from_environment()  # under torchrun: join the process group
     checkpoints = None if args.no_checkpoints else args.out / "checkpoints"
     if args.resume is None and distributed.is_main():
-        save_run_arguments(args.out, args.argv)
+        if args.overwrite:
+            clear_outputs(args.out)
+        save_run_arguments(args.out, _canonical_purify_argv(args), Path.cwd())
     report = run_job(job, args.out, config=config, checkpoint_dir=checkpoints, resume=args.resume is not None,
                      checkpoint_interval_s=args.checkpoint_interval, landscape=args.landscape)
     if distributed.is_main():
@@ -93,22 +103,68 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """The interrupted run's own arguments (from OUT/run.json), plus this call's --json and --no-progress."""
-    from .purify_cli import load_run_arguments
+def _input_files(args: argparse.Namespace) -> list[Path | None]:
+    """The files a purify run reads (none may be one of its outputs)."""
+    data = Path(args.data) if args.data and Path(args.data).exists() else None
+    record = args.backdoorbench / "attack_result.pt" if args.backdoorbench is not None else None
+    return [args.model, args.trigger, args.mask, data, record]
 
-    stored = load_run_arguments(args.resume)
+
+# arguments a resumed run takes from its own call, not from run.json
+_NOT_STORED = ("help", "resume", "json", "no_progress", "overwrite")
+
+
+def _canonical_purify_argv(args: argparse.Namespace) -> list[str]:
+    """The run's arguments as parsed (however they were spelled: --model=x, abbreviations), paths resolved:
+    what run.json stores, so a resume from any folder, of a moved folder, reads the same inputs."""
+    argv: list[str] = []
+    for action in _subcommand("purify")._actions:
+        if not action.option_strings or action.dest in _NOT_STORED:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value is False or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, Path) or (action.dest == "data" and Path(value).exists()):
+            argv += [flag, str(Path(value).expanduser().resolve())]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    """The parser of one ``tsc-fast`` sub-command."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The interrupted run's own arguments (from its run.json), in the folder where it now is (it may have moved),
+    plus this call's --json and --no-progress."""
+    from .run_folder import load_run_arguments
+
+    stored, cwd, folder = load_run_arguments(args.resume)
     extra = (["--no-progress"] if args.no_progress else []) + (["--json", str(args.json)] if args.json else [])
-    resumed = build_parser().parse_args(["purify", *stored, *extra])
-    for name in ("model", "arch", "out", "backdoorbench"):
+    try:
+        resumed = build_parser().parse_args(["purify", *stored, *extra])
+    except SystemExit:
+        raise ValueError(f"the arguments stored in {folder / 'run.json'} do not parse; the run folder is "
+                         "damaged") from None
+    for name in ("model", "arch", "backdoorbench", "out"):
         given, kept = getattr(args, name), getattr(resumed, name)
+        if name == "out":
+            kept = folder
         if given is None:
             continue
         same = given == kept if name == "arch" else kept is not None and Path(given).resolve() == Path(kept).resolve()
         if not same:
             raise ValueError(f"--{name} {given} differs from the interrupted run's {kept}; --resume continues "
                              f"that run with its own arguments")
-    resumed.argv, resumed.resume = stored, args.resume
+    if cwd.is_dir() and str(cwd) not in sys.path:  # a MODULE:CALLABLE architecture is imported from there
+        sys.path.insert(0, str(cwd))
+    resumed.out, resumed.resume, resumed.argv = folder, args.resume, stored
     return resumed
 
 
@@ -285,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="inside a curve or fine-tune, checkpoint after the epoch in which this much time has "
                         "passed (default 300; a checkpoint follows every stage regardless)")
     purify.add_argument("--no-checkpoints", action="store_true", help="write no checkpoints (cannot resume)")
+    purify.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out "
+                        "(without it, a non-empty --out is refused)")
     _add_tsc_options(purify)
     purify.set_defaults(run=_cmd_purify)
     _add_bench_commands(commands)

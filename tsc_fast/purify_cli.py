@@ -6,7 +6,6 @@ output folder is touched.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,13 @@ from .backdoor.backdoorbench_defense import bare_network
 from .backdoor.data import DatasetSplits, clean_subset, load_dataset
 from .backdoor.metrics import accuracy, evaluate, loss_metrics, predict
 from .io import load_into, save_model
+from .run_folder import PURIFIED_FILE
 from .run_report import LandscapeRecorder
 from .tsc import TSCConfig, purify
 
 BENCHMARK_DATA = ("digits", "mnist", "cifar10", "gtsrb")  # training sets of which the defender holds a share
 DEFAULT_CLEAN_FRACTION = 0.05                             # of those; of a user's own folder or .npz: all of it
 LANDSCAPE_EXAMPLES = 512                                  # test images evaluated at every landscape point
-PURIFIED_FILE = "purified.safetensors"
 Metrics = dict[str, float]
 
 
@@ -139,7 +138,7 @@ def prepare_checkpoint_job(model_path: str | Path, arch: str, data: str, num_cla
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {model_path}")
-    splits = load_dataset(data, seed=seed, **({"image_size": image_size} if image_size else {}))
+    splits = load_dataset(data, seed=seed, **({"image_size": image_size} if image_size is not None else {}))
     classes = num_classes or splits.num_classes
     if num_classes is not None and num_classes < splits.num_classes:
         raise ValueError(f"--num-classes {num_classes}, but the data have labels up to {splits.num_classes - 1}")
@@ -260,33 +259,3 @@ def _summary(before: Metrics | None, after: Metrics | None, files: dict[str, str
               "report_json": "report", "report_png": "report figure"}
     lines += [f"{labels.get(kind, kind)}: {path}" for kind, path in files.items()]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# resuming: the run's own arguments
-
-
-RUN_FILE = "run.json"
-PATH_FLAGS = ("--model", "--out", "--json", "--backdoorbench", "--data-dir", "--trigger", "--mask")
-NAME_OR_PATH_FLAGS = ("--data",)  # a name (digits, mnist) or a path: resolved only when it exists
-
-
-def save_run_arguments(out_dir: str | Path, argv: list[str]) -> Path:
-    """Record a purify command's arguments in OUT/run.json, so ``--resume OUT`` can continue it."""
-    path = Path(out_dir) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    argv = list(argv[1:] if argv and argv[0] == "purify" else argv)
-    for i, flag in enumerate(argv[:-1]):  # absolute paths: the run may be resumed from another folder
-        if flag in PATH_FLAGS or (flag in NAME_OR_PATH_FLAGS and Path(argv[i + 1]).exists()):
-            argv[i + 1] = str(Path(argv[i + 1]).resolve())
-    path.write_text(json.dumps({"argv": argv}, indent=1))
-    return path
-
-
-def load_run_arguments(folder: str | Path) -> list[str]:
-    """The arguments of the run whose output folder (or its checkpoints/ folder) is ``folder``."""
-    folder = Path(folder)
-    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
-        if candidate.is_file():
-            return list(json.loads(candidate.read_text())["argv"])
-    raise FileNotFoundError(f"no {RUN_FILE} in {folder}: --resume takes the output folder of a tsc-fast purify run")
