@@ -244,7 +244,7 @@ def machine_info(lapx_version):
     import lap
     import scipy
 
-    from tsc_fast.machine import cpu_model
+    from tsc_fast.testbed.machine import cpu_model
 
     cpu = cpu_model()
     try:

@@ -14,7 +14,7 @@ Per model, two fresh worker processes (so that one's memory does not inflate the
 * ``purify``: the whole round through ``purify(model, dataset, TSCConfig(rounds=1, curve_steps=S, batch_size=B,
   finetune_epochs=0, ...))`` inside one ``PeakMemory`` block, with the per-stage seconds of ``result.history``.
 
-Memory is the process's resident set size (``tsc_fast.memory.PeakMemory``: sampled every 5 ms, plus the exact
+Memory is the process's resident set size (``tsc_fast.testbed.memory.PeakMemory``: sampled every 5 ms, plus the exact
 high-water mark when a block sets one): "peak" is the highest RSS during the component, "delta" its growth over
 the RSS at the component's start. Freed heap memory is handed back to the system before every component
 (``malloc_trim``), so deltas count what the component itself needs. Sub-phases of un-align/re-align take their
@@ -62,7 +62,7 @@ def build_model(name: str, image_size: int):
 
 def synthetic_data(n: int, size: int, classes: int = 1000, seed: int = 0):
     """``n`` random 3 x size x size images with labels of ``classes`` classes (the scaling study's generator)."""
-    from tsc_fast.scaling import synthetic_data as random_dataset
+    from tsc_fast.testbed.scaling import synthetic_data as random_dataset
 
     return random_dataset((3, size, size), n, seed=seed, classes=classes)
 
@@ -82,7 +82,7 @@ class Recorder:
         self.rows: list[dict[str, Any]] = []
 
     def measure(self, component: str, fn: Callable[[], Any], trace: bool = False, **extra) -> tuple[Any, Any]:
-        from tsc_fast.memory import PeakMemory, release_freed_memory
+        from tsc_fast.testbed.memory import PeakMemory, release_freed_memory
 
         release_freed_memory()
         with PeakMemory(trace=trace) as mem:
@@ -146,7 +146,7 @@ def worker_components(args) -> dict[str, Any]:
     from tsc_fast.batches import make_loader
     from tsc_fast.curve import BezierCurve, recalibrate_bn, train_curve
     from tsc_fast.training import ComputeOptions
-    from tsc_fast.memory import rss_bytes
+    from tsc_fast.testbed.memory import rss_bytes
     from tsc_fast.spec import discover, permute
 
     torch.set_num_threads(args.threads)
@@ -217,7 +217,7 @@ def worker_components(args) -> dict[str, Any]:
 def worker_purify(args) -> dict[str, Any]:
     import torch
 
-    from tsc_fast.memory import PeakMemory, release_freed_memory, rss_bytes
+    from tsc_fast.testbed.memory import PeakMemory, release_freed_memory, rss_bytes
     from tsc_fast.tsc import purify
 
     torch.set_num_threads(args.threads)
@@ -269,7 +269,7 @@ def machine() -> dict[str, Any]:
     import torch
     import torchvision
 
-    from tsc_fast.machine import cpu_model, memory_total_gib
+    from tsc_fast.testbed.machine import cpu_model, memory_total_gib
 
     cpu, memory_gib = cpu_model(), memory_total_gib() or 0.0
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib,

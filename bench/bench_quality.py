@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tsc_fast import TSCConfig, purify
-from tsc_fast.backdoor.train import make_backdoored_digits
+from tsc_fast.testbed.victims import make_backdoored_digits
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {"default": TSCConfig, "official": TSCConfig.official}

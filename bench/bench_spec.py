@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from tsc_fast.backdoor.models import PreActResNet18
+from tsc_fast.models import PreActResNet18
 from tsc_fast.spec import check_invariance, discover, forward_with_taps
 from _common import append_json_record, median_seconds
 

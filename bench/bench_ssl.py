@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tsc_fast import ssl
+from tsc_fast.testbed import ssl_victim as ssl
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from tsc_fast import discover
-from tsc_fast.backdoor.models import build_model
+from tsc_fast.models import build_model
 from tsc_fast.curve import BezierCurve, cross_entropy_loss, recalibrate_bn
 from tsc_fast.stats import cross_correlations, self_correlations
 from _common import median_seconds

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tsc_fast.backdoor.data import load_mnist_split
-from tsc_fast.backdoor.models import PreActResNet18
+from tsc_fast.data.embedded import load_mnist_split
+from tsc_fast.models import PreActResNet18
 
 TRAIN, TEST = 1000, 200
 TARGET = 0

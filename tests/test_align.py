@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tsc_fast import discover, permute
 from tsc_fast.align import FunctionChangedError, realign, unalign, verify_same_function
-from tsc_fast.backdoor.models import MLP, DigitsCNN, PreActResNet18
+from tsc_fast.models import MLP, DigitsCNN, PreActResNet18
 from tsc_fast.curve import recalibrate_bn
 from tsc_fast.spec import forward_with_taps
 from tsc_fast.stats import cross_correlations, self_correlations

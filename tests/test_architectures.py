@@ -14,9 +14,9 @@ from tsc_fast.architectures import (
     describe_architecture,
     parse_architecture,
 )
-from tsc_fast.backdoor.models import DigitsCNN
-from tsc_fast.backdoor.train import build_classifier
-from tsc_fast.io import load_into, save_model
+from tsc_fast.models import DigitsCNN
+from tsc_fast.models import build_classifier
+from tsc_fast.model_io import load_into, save_model
 
 USER_MODULE = """
 import torch.nn as nn

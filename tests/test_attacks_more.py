@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsc_fast.backdoor.attacks import (
+from tsc_fast.testbed.attacks import (
     BPP,
     SIG,
     InputAware,
@@ -21,8 +21,9 @@ from tsc_fast.backdoor.attacks import (
     poison_dataset,
     DIGITS_ATTACK_OPTIONS,
 )
-from tsc_fast.backdoor.data import load_digits_split
-from tsc_fast.backdoor.train import build_classifier, make_backdoored_digits, train_classifier
+from tsc_fast.data.embedded import load_digits_split
+from tsc_fast.models import build_classifier
+from tsc_fast.testbed.victims import make_backdoored_digits, train_classifier
 
 @pytest.fixture(scope="module")
 def digits():

@@ -6,7 +6,7 @@ import torch.nn as nn
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from tsc_fast.backdoor.attacks import (
+from tsc_fast.testbed.attacks import (
     BadNets,
     Blended,
     build_attack,
@@ -14,16 +14,11 @@ from tsc_fast.backdoor.attacks import (
     poison_dataset,
     triggered_test_set,
 )
-from tsc_fast.backdoor.data import (
-    clean_subset,
-    load_dataset,
-    load_digits_split,
-    subset_indices,
-    subset_size,
-    to_tensors,
-)
-from tsc_fast.backdoor.metrics import evaluate, predict
-from tsc_fast.backdoor.train import build_classifier, make_backdoored_digits, train_classifier
+from tsc_fast.data import load_dataset, load_digits_split
+from tsc_fast.data.splits import clean_subset, subset_indices, subset_size, to_tensors
+from tsc_fast.metrics import evaluate, predict
+from tsc_fast.models import build_classifier
+from tsc_fast.testbed.victims import make_backdoored_digits, train_classifier
 
 
 @pytest.fixture(scope="module")

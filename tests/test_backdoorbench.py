@@ -10,17 +10,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tsc_fast.backdoor import backdoorbench_defense as defense
-from tsc_fast.backdoor.backdoorbench import (
+from tsc_fast.data import backdoorbench_defense as defense
+from tsc_fast.data.backdoorbench import (
     ARCHITECTURES,
     NORMALIZATION,
-    NormalizedModel,
     ResizeTo,
     build_backdoorbench_network,
     import_backdoorbench,
     read_attack_result,
 )
-from tsc_fast.backdoor.backdoorbench_defense import (
+from tsc_fast.data.backdoorbench_defense import (
     CleanDataNotFoundError,
     UnsupportedDatasetError,
     backdoorbench_subset_indices,
@@ -30,7 +29,8 @@ from tsc_fast.backdoor.backdoorbench_defense import (
     read_defense_result,
     save_defense_result,
 )
-from tsc_fast.backdoor.models import PreActResNet18
+from tsc_fast.models import PreActResNet18
+from tsc_fast.normalization import NormalizedModel
 from test_datasets_local import make_cifar, save_ppm, write_csv
 
 Image = pytest.importorskip("PIL.Image")

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from tsc_fast.backdoor.models import DigitsCNN, PreActResNet18
+from tsc_fast.models import DigitsCNN, PreActResNet18
 from tsc_fast.cli import main
-from tsc_fast.io import save_model
+from tsc_fast.model_io import save_model
 
 FAST = ["--rounds", "1", "--curve-steps", "8", "--no-progress"]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsc_fast.backdoor.models import DigitsCNN
+from tsc_fast.models import DigitsCNN
 from tsc_fast.training import ComputeOptions
 from tsc_fast.tsc import TSCConfig, purify
 

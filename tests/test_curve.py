@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tsc_fast.backdoor.models import MLP, DigitsCNN
+from tsc_fast.models import MLP, DigitsCNN
 from tsc_fast.batches import random_translate
 from tsc_fast.curve import BezierCurve, ParamLayout, finetune, recalibrate_bn, train_curve
 

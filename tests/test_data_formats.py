@@ -11,16 +11,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tsc_fast.backdoor import data as data_module
-from tsc_fast.backdoor.data import (
-    DatasetSplits,
-    load_dataset,
-    load_digits_split,
-    load_mnist_split,
-    pick_image_size,
-    resize_images,
-)
-from tsc_fast.backdoor.datasets_local import (
+from tsc_fast.data import embedded as data_module
+from tsc_fast.data import load_dataset, load_digits_split, load_mnist_split
+from tsc_fast.data.splits import DatasetSplits, pick_image_size, resize_images
+from tsc_fast.data.local import (
     DatasetLayoutError,
     ImageFolderDataset,
     ImageFormat,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tsc_fast.backdoor.data import load_dataset
-from tsc_fast.backdoor.datasets_local import (
+from tsc_fast.data import load_dataset
+from tsc_fast.data.local import (
     DatasetLayoutError,
     ImageFolderDataset,
     detect_layout,
@@ -63,7 +63,7 @@ def test_cifar10_batches_load_with_pixels_labels_and_classes(tmp_path):
 
 def test_cifar10_channel_layout_matches_the_format():
     """Row layout: 1024 red values, then green, then blue; each plane row-major (checked on a hand-made row)."""
-    from tsc_fast.backdoor.datasets_local import read_cifar10_batch
+    from tsc_fast.data.local import read_cifar10_batch
 
     row = np.zeros(3072, dtype=np.uint8)
     row[0] = 10  # red, pixel (0, 0)

@@ -8,10 +8,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from tsc_fast import TSCConfig, purify
-from tsc_fast.backdoor.models import MLP, DigitsCNN
-from tsc_fast.backdoor.train import make_backdoored_digits
+from tsc_fast.models import MLP, DigitsCNN
+from tsc_fast.testbed.victims import make_backdoored_digits
 from tsc_fast.curve import BezierCurve, ParamLayout
-from tsc_fast.defenses import (DEFENSES, FSTConfig, FTConfig, MCRConfig, find_linear_head, run_defense,
+from tsc_fast.testbed.defenses import (DEFENSES, FSTConfig, FTConfig, MCRConfig, find_linear_head, run_defense,
                                train_mcr_curve)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tsc_fast.backdoor.models import DigitsCNN
+from tsc_fast.models import DigitsCNN
 from tsc_fast.batches import random_translate
 from tsc_fast.distributed import ShardedBatchSampler
 from tsc_fast.spec import discover

@@ -1,4 +1,4 @@
-"""Safe checkpoint saving and loading (tsc_fast.io)."""
+"""Safe checkpoint saving and loading (tsc_fast.model_io)."""
 import os
 import pickle
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tsc_fast.backdoor.models import DigitsCNN
-from tsc_fast.io import CheckpointError, load_into, load_state_dict, save_model
+from tsc_fast.models import DigitsCNN
+from tsc_fast.model_io import CheckpointError, load_into, load_state_dict, save_model
 
 
 def trained_looking_cnn(seed: int = 0) -> DigitsCNN:

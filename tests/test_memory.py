@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tsc_fast.memory import PeakMemory, max_rss_bytes, release_freed_memory, rss_bytes
+from tsc_fast.testbed.memory import PeakMemory, max_rss_bytes, release_freed_memory, rss_bytes
 
 MB = 2 ** 20
 

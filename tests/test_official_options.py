@@ -10,7 +10,7 @@ import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 from tsc_fast import TSCConfig, purify
-from tsc_fast.backdoor.models import DigitsCNN, PreActResNet18
+from tsc_fast.models import DigitsCNN, PreActResNet18
 from tsc_fast.batches import AugmentedBatches, BatchAugment, random_hflip, random_translate
 from tsc_fast.spec import discover, forward_with_taps
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tsc_fast.architectures import build_architecture
-from tsc_fast.backdoor.backdoorbench import NORMALIZATION
-from tsc_fast.backdoor.data import load_dataset
-from tsc_fast.backdoor.metrics import accuracy, predict
+from tsc_fast.data.backdoorbench import NORMALIZATION
+from tsc_fast.data import load_dataset
+from tsc_fast.metrics import accuracy, predict
 from tsc_fast.cli import main
 from tsc_fast.figures import is_valid_png
-from tsc_fast.io import load_into, save_model
+from tsc_fast.model_io import load_into, save_model
 
 from test_backdoorbench import container_state, poisoned_images, randomised_bn, save_result
 from test_datasets_local import make_cifar
@@ -178,12 +178,12 @@ def _record(root, fmt, network, count=4, test_size=40):
 
 @pytest.mark.parametrize("fmt", ["2.x", "1.x"])
 def test_backdoorbench_record_in_defense_result_out(tmp_path, capsys, monkeypatch, fmt):
-    from tsc_fast.backdoor.models import PreActResNet18
+    from tsc_fast.models import PreActResNet18
 
     torch.manual_seed(0)
     network = randomised_bn(PreActResNet18(num_classes=10, width=8))
     # BackdoorBench's preactresnet18 has width 64; a narrow one keeps the test fast, so build it the same way
-    monkeypatch.setattr("tsc_fast.backdoor.backdoorbench.PreActResNet18",
+    monkeypatch.setattr("tsc_fast.data.backdoorbench.PreActResNet18",
                         lambda num_classes, in_channels: PreActResNet18(num_classes, in_channels, width=8))
     record = _record(tmp_path / "BackdoorBench", fmt, network)
     monkeypatch.chdir(tmp_path)                              # not the repository root: paths resolve by record
@@ -206,25 +206,25 @@ def test_backdoorbench_record_in_defense_result_out(tmp_path, capsys, monkeypatc
 
 
 def _cifar_test(root):
-    from tsc_fast.backdoor.datasets_local import read_cifar10_batch
+    from tsc_fast.data.local import read_cifar10_batch
 
     return read_cifar10_batch(root / "data" / "cifar10" / "cifar-10-batches-py" / "test_batch")[0].astype(np.float32)
 
 
 def _cifar_test_labels(root):
-    from tsc_fast.backdoor.datasets_local import read_cifar10_batch
+    from tsc_fast.data.local import read_cifar10_batch
 
     return read_cifar10_batch(root / "data" / "cifar10" / "cifar-10-batches-py" / "test_batch")[1]
 
 
 def test_backdoorbench_errors_name_the_fix(tmp_path, capsys, monkeypatch):
-    from tsc_fast.backdoor.models import PreActResNet18
+    from tsc_fast.models import PreActResNet18
 
     network = PreActResNet18(num_classes=10, width=8)
     record = save_result(tmp_path / "repo" / "record" / "badnet", "resnet_unheard_of", network.state_dict())
     code, _, err = _run(["--backdoorbench", str(record)], capsys)
     assert code == 2 and "supported" in err
-    monkeypatch.setattr("tsc_fast.backdoor.backdoorbench.PreActResNet18",
+    monkeypatch.setattr("tsc_fast.data.backdoorbench.PreActResNet18",
                         lambda num_classes, in_channels: PreActResNet18(num_classes, in_channels, width=8))
     record = save_result(tmp_path / "repo2" / "record" / "badnet", "preactresnet18", network.state_dict())
     code, _, err = _run(["--backdoorbench", str(record), "--data-dir", str(tmp_path / "nowhere")], capsys)
@@ -233,7 +233,7 @@ def test_backdoorbench_errors_name_the_fix(tmp_path, capsys, monkeypatch):
 
 
 def test_normalize_accepts_names_one_pair_or_every_channel():
-    from tsc_fast.purify_cli import parse_normalization
+    from tsc_fast.cli.purify import parse_normalization
 
     assert parse_normalization("cifar10", 3) == NORMALIZATION["cifar10"]
     assert parse_normalization("0.5,0.25", 3) == ((0.5,) * 3, (0.25,) * 3)
@@ -246,7 +246,7 @@ def test_normalize_accepts_names_one_pair_or_every_channel():
 
 
 def test_patch_trigger_pastes_the_pattern_where_the_mask_is_on(tmp_path):
-    from tsc_fast.backdoor.attacks import PatchTrigger
+    from tsc_fast.testbed.attacks import PatchTrigger
 
     pattern = np.zeros((6, 6, 3), np.uint8)
     pattern[..., 0] = 255                                    # red

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from tsc_fast import checkpoint
-from tsc_fast.backdoor.models import DigitsCNN
+from tsc_fast.models import DigitsCNN
 from tsc_fast.checkpoint import CheckpointError
 from tsc_fast.cli import main
-from tsc_fast.io import save_model
+from tsc_fast.model_io import save_model
 from tsc_fast.tsc import TSCConfig, purify
 
 CONFIG = TSCConfig(rounds=2, curve_steps=12, batch_size=16, finetune_epochs=2, progress=False, warn_below_steps=0)

@@ -16,10 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tsc_fast import TSCConfig, purify
 from tsc_fast import checkpoint
-from tsc_fast.backdoor.models import DigitsCNN
-from tsc_fast.checkpoint import CheckpointError
+from tsc_fast.models import DigitsCNN
 from tsc_fast.cli import main
-from tsc_fast.io import save_model
+from tsc_fast.model_io import save_model
 from tsc_fast.training import DivergedError
 from tsc_fast.validate import SettingError
 

@@ -7,8 +7,8 @@ import torch
 
 from tsc_fast import assign
 from tsc_fast.cli import main
-from tsc_fast.reports import is_valid_png
-from tsc_fast.scaling import (COMPONENTS, ScalingConfig, SweepPoint, batches_of, build_model, cost_matrices,
+from tsc_fast.figures import is_valid_png
+from tsc_fast.testbed.scaling import (COMPONENTS, ScalingConfig, SweepPoint, batches_of, build_model, cost_matrices,
                               crossing, fit_power_law, measure_point, read_csv, solve_all, synthetic_data, timed)
 from tsc_fast.spec import discover
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsc_fast.backdoor.models import MLP, DigitsCNN, PreActResNet18
+from tsc_fast.models import MLP, DigitsCNN, PreActResNet18
 from tsc_fast.spec import (AxisRef, InvarianceError, PermutationSpec, UnsupportedOperationError,
                            UntraceableModelError, check_invariance, discover, forward_with_taps, permute,
                            permute_state_dict, random_permutations, relative_error)

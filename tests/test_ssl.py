@@ -8,12 +8,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 from tsc_fast import TSCConfig, discover, purify
-from tsc_fast.backdoor.attacks import BadNets
-from tsc_fast.backdoor.data import load_digits_split
+from tsc_fast.testbed.attacks import BadNets
+from tsc_fast.data.embedded import load_digits_split
 from tsc_fast.curve import recalibrate_bn
-from tsc_fast.ssl import (Augmentation, BackdoorObjective, SimCLRNet, augment_view, augment_views,
-                          contrastive_loss_fn, linear_probe, nt_xent, pretrain_simclr, random_erase, random_scale,
-                          relative_pull)
+from tsc_fast.losses import (Augmentation, augment_view, augment_views, contrastive_loss_fn, nt_xent, random_erase,
+                             random_scale)
+from tsc_fast.testbed.ssl_victim import BackdoorObjective, SimCLRNet, linear_probe, pretrain_simclr, relative_pull
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,16 @@ import statistics
 import pytest
 import torch
 
-from tsc_fast import reports
-from tsc_fast.ablate import AblationConfig, parse_sweeps
-from tsc_fast.adaptive import AdaptiveConfig, make_adaptive_backdoored_digits, unaligned_parameters
+from tsc_fast.figures import is_valid_png
+from tsc_fast.testbed import reports
+from tsc_fast.testbed.ablate import AblationConfig, parse_sweeps
+from tsc_fast.testbed.adaptive_attack import AdaptiveConfig, make_adaptive_backdoored_digits, unaligned_parameters
 from tsc_fast.batches import make_loader
 from tsc_fast.cli import main
 from tsc_fast.curve import recalibrate_bn
 from tsc_fast.spec import discover
-from tsc_fast.backdoor.metrics import loss_metrics
-from tsc_fast.suite import SuiteConfig, make_victim, parse_attacks
+from tsc_fast.metrics import loss_metrics
+from tsc_fast.testbed.suite import SuiteConfig, make_victim, parse_attacks
 
 DEFENSES = ("tsc", "ft", "mcr", "fst")
 
@@ -67,7 +68,7 @@ def test_quick_suite_victims_implant_and_a_defense_removes_the_backdoor(quick_su
 
 def test_quick_suite_writes_valid_plots(quick_suite):
     for name in ("landscape.png", "defenses_acc_asr.png", "asr_by_attack.png", "acc_by_attack.png"):
-        assert reports.is_valid_png(quick_suite / name), name
+        assert is_valid_png(quick_suite / name), name
     assert (quick_suite / "command.txt").read_text().startswith("tsc-fast bench suite --quick")
 
 
@@ -110,8 +111,8 @@ def test_summaries_and_markdown_against_hand_computed_values(tmp_path):
 def test_is_valid_png_rejects_junk(tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png at all, but long enough to be read")
-    assert not reports.is_valid_png(junk)
-    assert not reports.is_valid_png(tmp_path / "missing.png")
+    assert not is_valid_png(junk)
+    assert not is_valid_png(tmp_path / "missing.png")
 
 
 def test_unknown_names_are_clear_errors(capsys):
@@ -135,7 +136,7 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     quick = AblationConfig.quick_config()
     for sweep in sweeps.split(","):
         assert [str(r["value"]) for r in rows if r["sweep"] == sweep] == [str(v) for v in quick.values(sweep)]
-        assert reports.is_valid_png(tmp_path / f"ablation_{sweep}.png")
+        assert is_valid_png(tmp_path / f"ablation_{sweep}.png")
         assert f"### {sweep}" in (tmp_path / "ablation.md").read_text()
     # the base configuration appears in three sweeps: same victim, same data, same seed -> same result
     base_runs = [r for r in rows if (r["sweep"], str(r["value"])) in

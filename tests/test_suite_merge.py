@@ -4,8 +4,8 @@ import json
 import pytest
 
 from tsc_fast.cli import main
-from tsc_fast.reports import targets_markdown
-from tsc_fast.suite import SuiteConfig, merge_suite_runs
+from tsc_fast.testbed.reports import targets_markdown
+from tsc_fast.testbed.suite import SuiteConfig, merge_suite_runs
 
 
 def _row(attack, rate, seed, defense, acc, asr, implanted=True):

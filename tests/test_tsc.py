@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from tsc_fast import TSCConfig, purify
-from tsc_fast.backdoor.train import make_backdoored_digits
+from tsc_fast.testbed.victims import make_backdoored_digits
 from tsc_fast.curve import BezierCurve
 from tsc_fast.tsc import adaptive_batch_size
 
@@ -83,7 +83,7 @@ def test_tsc_removes_a_badnets_backdoor(badnets):
 
 
 def test_on_curve_sees_every_trained_curve_before_its_point_is_taken():
-    from tsc_fast.backdoor.models import DigitsCNN
+    from tsc_fast.models import DigitsCNN
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))

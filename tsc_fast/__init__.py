@@ -7,9 +7,9 @@
 """
 from . import assign
 from .spec import PermutationSpec, check_invariance, discover, permute
+from .align import realign, unalign
 from .tsc import TSCConfig, TSCResult, purify
-from .defenses import DEFENSES, run_defense
 
 __all__ = ["assign", "discover", "check_invariance", "permute", "PermutationSpec", "purify", "TSCConfig",
-           "TSCResult", "run_defense", "DEFENSES"]
+           "TSCResult", "unalign", "realign"]
 __version__ = "0.1.0"

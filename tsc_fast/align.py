@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import assign
 from . import distributed as ddp
 from .batches import batch_inputs, to_device
-from .modes import eval_mode
+from .module_tools import eval_mode
 from .spec import PermutationSpec, head_permutation, permute
 from .stats import cross_correlations, self_correlations
 

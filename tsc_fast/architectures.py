@@ -188,8 +188,8 @@ def _call_builder(label: str, builder: Callable[..., Any], kwargs: dict[str, Any
 # --- the package's own models ------------------------------------------------------------------------------------
 
 def _build_package(spec: ArchitectureSpec, num_classes: int | None, shape: tuple | None, seed: int) -> nn.Module:
-    from .backdoor.models import ARCHITECTURES
-    from .backdoor.train import build_classifier
+    from .models import ARCHITECTURES
+    from .models import build_classifier
 
     if spec.name not in ARCHITECTURES:
         raise ArchitectureError(

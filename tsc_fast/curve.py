@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from .batches import BatchAugment, batch_inputs, to_device
 from .kernels.bezier import bezier_point
-from .modes import eval_mode
+from .module_tools import eval_mode
 from . import distributed as ddp
 from .training import ComputeOptions, LoopState, optimise
 

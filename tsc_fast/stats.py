@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .batches import batch_inputs, to_device
-from .modes import eval_mode
+from .module_tools import eval_mode
 from .kernels.correlation import CorrelationAccumulator
 from .spec import PermutationSpec, forward_with_taps
 

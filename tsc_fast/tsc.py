@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import assign, checkpoint, inputs
+from . import assign
+from . import checkpoint
+from . import inputs
 from . import validate as v
 from . import distributed as ddp
 from .align import realign, unalign
@@ -26,6 +28,7 @@ from .checkpoint import join_state, split_state, tensor_digest
 from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
 from .spec import TAP_POINTS, PermutationSpec, discover, permute
 from .stats import OBJECTIVES
+from .module_tools import model_device
 from .run_report import build_report, write_report
 from .training import ComputeOptions, DivergedError, LoopState, all_finite
 
@@ -204,13 +207,6 @@ def _image_size(x: Any) -> int | None:
     return int(x.shape[-1]) if torch.is_tensor(x) and x.dim() == 4 else None
 
 
-def _model_device(model: nn.Module, requested: str | None) -> torch.device:
-    if requested is not None:
-        return torch.device(requested)
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 CurveCallback = Callable[[int, int, BezierCurve, Any], None]   # (round, stage, trained curve, stats batches)
 # The steps of one round, in order. A checkpoint records the next step to run (and, inside a curve or the
 # fine-tune, the optimisation loop's state), so a resumed run continues exactly where the last one stopped.
@@ -255,7 +251,7 @@ class _Run:
         self.started = time.perf_counter()
         inputs.check_model(model)
         inputs.check_clean_data(clean_data)
-        self.device = _model_device(model, config.device)
+        self.device = model_device(model, config.device)
         num_examples = dataset_size(clean_data)
         if num_examples == 0:
             raise ValueError("the clean data are empty")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .suite import make_victim, parse_names
-from .tsc import TSCConfig, purify
+from ..tsc import TSCConfig, purify
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,26 @@
 """
 from __future__ import annotations
 
-import itertools
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-from .attacks import Attack, triggered_test_set
+from .module_tools import model_device
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
+class Trigger(Protocol):
+    """What the metrics need of an attack: its ``target`` label and ``apply`` (triggered copies of images)."""
+
+    target: int
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def triggered_test_set(x: torch.Tensor, y: torch.Tensor, attack: Trigger) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triggered copies of the test images whose true label is not the target, with their TRUE labels."""
+    keep = y != attack.target
+    return attack.apply(x[keep]), y[keep]
 
 
 @torch.no_grad()
@@ -59,7 +67,7 @@ def attack_success_rate(triggered_predictions: torch.Tensor, target: int) -> flo
 
 
 def evaluate(
-    model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, attack: Attack, batch_size: int = 512
+    model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, attack: Trigger, batch_size: int = 512
 ) -> dict[str, float]:
     """``{"acc", "asr", "ra"}`` in percent: clean accuracy, attack success rate and robust accuracy.
 

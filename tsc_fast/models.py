@@ -6,6 +6,8 @@ match that layout's usual checkpoints (``conv1``, ``layerK.J.bn1``, ``layerK.J.s
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,3 +111,18 @@ def build_model(name: str, **kwargs) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
     return cls(**kwargs)
+
+
+def build_classifier(arch: str, image_shape: Sequence[int], num_classes: int, seed: int = 0) -> nn.Module:
+    """A package model (``mlp``, ``cnn``, ``preact_resnet18``) sized for ``image_shape`` (C, H, W), seeded init.
+
+    The global torch RNG is left untouched.
+    """
+    channels, height, width = (int(s) for s in image_shape)
+    if arch == "mlp":
+        options: dict[str, Any] = {"in_features": channels * height * width, "num_classes": num_classes}
+    else:
+        options = {"in_channels": channels, "num_classes": num_classes}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(arch, **options)

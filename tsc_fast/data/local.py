@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from .data import DatasetSplits, pick_image_size, resize_images, split_description
+from .splits import DatasetSplits, pick_image_size, resize_images, split_description
 
 PathLike = Union[str, Path]
 

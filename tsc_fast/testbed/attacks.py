@@ -36,7 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import round_half_up
+from ..data.splits import round_half_up
+from .classifier import train_classifier
+from ..metrics import triggered_test_set  # noqa: F401 - the ASR test set, importable with the attacks
 
 ImageShape = tuple[int, int, int]
 
@@ -674,7 +676,7 @@ class LabelConsistent(CleanLabelAttack):
 
     def train_surrogate(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> nn.Module:
         """A small CNN trained on the clean ``(x, y)`` (Adam, ``surrogate_epochs`` epochs) for the PGD step."""
-        from .train import build_classifier, train_classifier  # train imports this module
+        from ..models import build_classifier
 
         model = build_classifier("cnn", self.image_shape, int(y.max()) + 1, seed=seed).to(x.device)
         return train_classifier(model, x, y, epochs=self.surrogate_epochs, seed=seed, progress=False)
@@ -890,7 +892,7 @@ class InputAware(Attack):
     def fit(self, x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> "InputAware":
         """Train the mask and pattern generators on ``(x, y)`` (see the class docstring); seeded by
         ``generator_seed``; the global torch RNG is left untouched. Returns ``self``."""
-        from .models import DigitsCNN
+        from ..models import DigitsCNN
 
         _check_training_pair(x, y)
         self._as_batch(x[:1])
@@ -1061,11 +1063,3 @@ def poison_dataset(
     every label. ``options`` go to ``attack.poison`` (e.g. ``surrogate=`` for LC).
     """
     return attack.poison(x, y, rate=rate, seed=seed, exclude_target=exclude_target, **options)
-
-
-def triggered_test_set(
-    x: torch.Tensor, y: torch.Tensor, attack: Attack
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triggered copies of the test images whose true label is not the target, with their TRUE labels."""
-    keep = y != attack.target
-    return attack.apply(x[keep]), y[keep]

@@ -2,9 +2,9 @@
 
 Three families, each swept over one width knob on synthetic random data (nothing is downloaded):
 
-- ``mlp``: :class:`~tsc_fast.backdoor.models.MLP`, 64 inputs, two hidden layers of ``h`` units (two h-unit groups,
+- ``mlp``: :class:`~tsc_fast.models.MLP`, 64 inputs, two hidden layers of ``h`` units (two h-unit groups,
   one h x h layer), h = 256 ... 16384;
-- ``cnn``: :class:`~tsc_fast.backdoor.models.DigitsCNN` on 1x8x8 images, width 32 * multiplier (groups of 32m and
+- ``cnn``: :class:`~tsc_fast.models.DigitsCNN` on 1x8x8 images, width 32 * multiplier (groups of 32m and
   64m channels), multiplier 1 ... 16;
 - ``vit``: torchvision's ``VisionTransformer`` (32x32 images, patch 8, hidden 64, 4 heads, 2 layers), MLP dim
   = 64 * ratio, ratio 1 ... 16.
@@ -126,11 +126,11 @@ def build_model(family: str, width: int, config: ScalingConfig):
 
     torch.manual_seed(config.seed)
     if family == "mlp":
-        from .backdoor.models import MLP
+        from ..models import MLP
 
         return MLP(in_features=config.mlp_in, hidden=width, depth=2).eval(), (config.mlp_in,)
     if family == "cnn":
-        from .backdoor.models import DigitsCNN
+        from ..models import DigitsCNN
 
         return DigitsCNN(width=config.cnn_base_width * width).eval(), (1, config.cnn_image, config.cnn_image)
     if family == "vit":
@@ -239,8 +239,8 @@ def solve_all(costs: dict[str, np.ndarray], spec, backend: str, threads: int | N
               ) -> tuple[dict[str, np.ndarray], float]:
     """Every group's un-align assignment (minimised; plain groups in one batch, attention groups head-aware, as
     :mod:`tsc_fast.align` solves them) and the summed optimal cost over all groups."""
-    from . import assign
-    from .align import solve_groups
+    from .. import assign
+    from ..align import solve_groups
 
     perms = solve_groups(costs, spec, maximize=False, backend=backend, threads=threads)
     total = sum(assign.assignment_cost(costs[g], perms[g]) for g in costs)
@@ -249,7 +249,7 @@ def solve_all(costs: dict[str, np.ndarray], spec, backend: str, threads: int | N
 
 def cost_matrices(model, spec, batches) -> dict[str, np.ndarray]:
     """Un-align's cost matrices: every group's self-correlation as a float64 numpy matrix."""
-    from .stats import self_correlations
+    from ..stats import self_correlations
 
     return {g: c.detach().cpu().double().numpy() for g, c in self_correlations(model, spec, batches).items()}
 
@@ -263,9 +263,9 @@ def _has_batch_norm(model) -> bool:
 def measure_point(point: SweepPoint, config: ScalingConfig, log: Callable[[str], None] = print
                   ) -> list[dict[str, Any]]:
     """Time every component at one sweep point; one row per component (components skipped carry a note)."""
-    from .curve import BezierCurve, recalibrate_bn, train_curve
-    from .spec import discover, permute
-    from .tsc import TSCConfig, purify
+    from ..curve import BezierCurve, recalibrate_bn, train_curve
+    from ..spec import discover, permute
+    from ..tsc import TSCConfig, purify
 
     model, shape = build_model(point.family, point.width, config)
     dataset = synthetic_data(shape, config.samples, config.seed)
@@ -547,7 +547,7 @@ def _pct(value: float) -> str:
 def plot_family(rows, family: str, config: ScalingConfig, path: Path) -> Path:
     """Log-log seconds per component against the sweep variable (fitted exponent in the legend, over the largest
     widths; LAP ours and scipy on the same axes), and the LAP's share of the statistics pass / curve epoch."""
-    from .figures import pyplot
+    from ..figures import pyplot
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))

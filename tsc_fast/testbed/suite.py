@@ -24,18 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.nn as nn
 
-from .backdoor.attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
-from .backdoor.metrics import loss_metrics
-from .backdoor.train import BackdoorSetup, make_backdoored_digits
-from .run_report import LandscapeRecorder
+from .attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
+from ..metrics import loss_metrics
+from .victims import BackdoorSetup, make_backdoored_digits
+from ..run_report import LandscapeRecorder
 from .defenses import DEFENSES, run_defense
-from .tsc import TSCConfig, purify
+from ..tsc import TSCConfig, purify
 
 IMPLANT_THRESHOLD = 50.0           # backdoored ASR (percent) below which an attack "did not implant"
-ADAPTIVE_PREFIX = "adaptive_"      # "adaptive_badnets": the base attack trained by tsc_fast.adaptive
+ADAPTIVE_PREFIX = "adaptive_"      # "adaptive_badnets": the base attack trained by tsc_fast.testbed.adaptive_attack
 METRICS = ("acc", "asr", "ra")
 QUICK_STEPS = 60                   # optimiser steps per curve / fine-tune phase in --quick mode
 
@@ -142,7 +141,7 @@ def quick_defense_configs(steps: int = QUICK_STEPS) -> dict[str, Any]:
 def make_victim(attack: str, rate: float, seed: int, target: int = 0, epochs: int = 40) -> BackdoorSetup:
     """A backdoored digits CNN: the package attack with its digits options, or an adaptive variant."""
     if attack.startswith(ADAPTIVE_PREFIX):
-        from .adaptive import make_adaptive_backdoored_digits
+        from .adaptive_attack import make_adaptive_backdoored_digits
 
         base = attack[len(ADAPTIVE_PREFIX):]
         return make_adaptive_backdoored_digits(base, rate=rate, target=target, seed=seed, epochs=epochs,

@@ -43,14 +43,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from .backdoorbench import (
-    BackdoorBenchResult,
-    NormalizedModel,
-    PoisonedSplit,
-    build_backdoorbench_network,
-)
-from .data import DatasetSplits
-from .datasets_local import (
+from ..metrics import accuracy, predict
+from ..normalization import NormalizedModel
+from .backdoorbench import BackdoorBenchResult, PoisonedSplit, build_backdoorbench_network
+from .local import (
     DatasetLayoutError,
     detect_layout,
     find_cifar10_folder,
@@ -60,7 +56,7 @@ from .datasets_local import (
     load_gtsrb,
     safe_unpickle,
 )
-from .metrics import accuracy, predict
+from .splits import DatasetSplits
 
 PathLike = Union[str, Path]
 TensorPair = tuple[torch.Tensor, torch.Tensor]

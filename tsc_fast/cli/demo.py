@@ -5,11 +5,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backdoor.metrics import loss_metrics
-from .backdoor.train import make_backdoored_digits
-from .io import save_model
-from .run_report import LandscapeRecorder
-from .tsc import TSCConfig, purify
+from ..metrics import loss_metrics
+from ..testbed.victims import make_backdoored_digits
+from ..model_io import save_model
+from ..run_report import LandscapeRecorder
+from ..tsc import TSCConfig, purify
 
 METRICS = ("acc", "asr", "ra")
 DEMO_CLEAN_FRACTION = 0.05  # the defender's share of the training set in TSC's setting

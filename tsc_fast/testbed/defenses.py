@@ -34,10 +34,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .backdoor.metrics import model_device
-from .batches import batch_inputs, dataset_size, make_loader
-from .curve import BezierCurve, LossFn, cross_entropy_loss, finetune, recalibrate_bn, train_curve
-from .tsc import OFFICIAL_CURVE_STEPS, RunPlan, TSCConfig, purify
+from ..module_tools import model_device
+from ..batches import batch_inputs, dataset_size, make_loader
+from ..curve import BezierCurve, LossFn, cross_entropy_loss, finetune, recalibrate_bn, train_curve
+from ..tsc import OFFICIAL_CURVE_STEPS, RunPlan, TSCConfig, purify
 
 CleanData = Union[Dataset, DataLoader]
 
@@ -130,10 +130,6 @@ class FSTConfig:
 # shared pieces
 
 
-def _device(model: nn.Module, requested: str | None) -> torch.device:
-    return torch.device(requested) if requested is not None else model_device(model)
-
-
 def _image_size(clean_data: CleanData) -> int | None:
     first = batch_inputs(next(iter(make_loader(clean_data, 2, shuffle=False))))
     return int(first.shape[-1]) if torch.is_tensor(first) and first.dim() == 4 else None
@@ -169,7 +165,7 @@ def fine_tune(model: nn.Module, clean_data: CleanData, config: FTConfig | None =
     """Fine-tune a copy of ``model`` on ``clean_data`` (all parameters, SGD with cosine schedule)."""
     config = config or FTConfig()
     started = time.perf_counter()
-    device = _device(model, config.device)
+    device = model_device(model, config.device)
     plan = training_plan(clean_data, config.steps, config.epochs, config.batch_size, config.augment_shift)
     tuned = _fresh_copy(model, device)
     batches = make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed)
@@ -192,7 +188,7 @@ def train_mcr_curve(model: nn.Module, clean_data: CleanData, config: MCRConfig |
     Returns the trained curve (start = A's parameters, end = B's) and a record of both phases.
     """
     config = config or MCRConfig()
-    device = _device(model, config.device)
+    device = model_device(model, config.device)
     t0 = time.perf_counter()
     endpoint = fine_tune(model, clean_data, FTConfig(steps=config.finetune_steps, batch_size=config.batch_size,
                                                      lr=config.finetune_lr, momentum=config.momentum,
@@ -221,7 +217,7 @@ def mode_connectivity_repair(model: nn.Module, clean_data: CleanData, config: MC
     if not 0.0 <= config.t <= 1.0:
         raise ValueError(f"MCR's t must be in [0, 1], got {config.t}")
     started = time.perf_counter()
-    device = _device(model, config.device)
+    device = model_device(model, config.device)
     curve, record = train_mcr_curve(model, clean_data, config, loss_fn)
     t_bn = time.perf_counter()
     point = curve.point(config.t)
@@ -280,7 +276,7 @@ def feature_shift_tuning(model: nn.Module, clean_data: CleanData, config: FSTCon
     """FST: re-initialised head, fine-tuning with an alignment penalty to the original head, norm-projected head."""
     config = config or FSTConfig()
     started = time.perf_counter()
-    device = _device(model, config.device)
+    device = model_device(model, config.device)
     plan = training_plan(clean_data, config.steps, config.epochs, config.batch_size, config.augment_shift)
     tuned = _fresh_copy(model, device)
     head_name, head = find_linear_head(tuned, config.head)

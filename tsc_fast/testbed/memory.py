@@ -1,6 +1,6 @@
 """Peak memory of a block of code: process RSS sampled in a background thread, plus CUDA's allocator peak.
 
-    from tsc_fast.memory import PeakMemory
+    from tsc_fast.testbed.memory import PeakMemory
 
     with PeakMemory() as mem:
         run_something()

@@ -12,7 +12,7 @@ DEFAULT_OUT = "tsc_fast_out"
 
 def _config_from_args(args: argparse.Namespace, dataset: str | None = None):
     """TSCConfig from the TSC flags; ``--official`` takes the official settings for ``dataset`` (its flips)."""
-    from .tsc import TSCConfig
+    from ..tsc import TSCConfig
 
     overrides = _tsc_overrides(args)
     overrides.update(seed=args.seed, progress=not args.no_progress)
@@ -59,9 +59,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_purify(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .purify_cli import prepare_backdoorbench_job, prepare_checkpoint_job, run_job
-    from .run_folder import check_output_folder, check_writable_file, clear_outputs, save_run_arguments
+    from .. import distributed
+    from .purify import prepare_backdoorbench_job, prepare_checkpoint_job, run_job
+    from ..run_folder import check_output_folder, check_writable_file, clear_outputs, save_run_arguments
 
     if args.resume is not None:
         if args.overwrite:
@@ -143,7 +143,7 @@ def _subcommand(name: str) -> argparse.ArgumentParser:
 def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """The interrupted run's own arguments (from its run.json), in the folder where it now is (it may have moved),
     plus this call's --json and --no-progress."""
-    from .run_folder import load_run_arguments
+    from ..run_folder import load_run_arguments
 
     stored, cwd, folder = load_run_arguments(args.resume)
     extra = (["--no-progress"] if args.no_progress else []) + (["--json", str(args.json)] if args.json else [])
@@ -185,8 +185,8 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .suite import SuiteConfig, quick_defense_configs, run_suite
-    from .tsc import TSCConfig
+    from ..testbed.suite import SuiteConfig, quick_defense_configs, run_suite
+    from ..tsc import TSCConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,7 +214,7 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
 def _cmd_bench_ablate(args: argparse.Namespace) -> int:
     import torch
 
-    from .ablate import AblationConfig, run_ablation
+    from ..testbed.ablate import AblationConfig, run_ablation
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,7 +235,7 @@ def _cmd_bench_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_merge(args: argparse.Namespace) -> int:
-    from .suite import merge_suite_runs
+    from ..testbed.suite import merge_suite_runs
 
     result = merge_suite_runs(args.folders, args.out)
     commands = [(Path(f) / "command.txt").read_text().strip() for f in args.folders if (Path(f) / "command.txt").is_file()]
@@ -283,7 +283,7 @@ def _add_bench_commands(commands) -> None:
     merge.add_argument("folders", nargs="+", type=Path, help="output folders of `tsc-fast bench suite` runs")
     merge.add_argument("--out", type=Path, required=True, help="folder of the merged report")
     merge.set_defaults(run=_cmd_bench_merge)
-    from .scaling import add_scaling_parser
+    from ..testbed.scaling import add_scaling_parser
     add_scaling_parser(kinds)
 
 
@@ -358,6 +358,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tsc-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

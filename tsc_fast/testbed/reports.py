@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .figures import is_valid_png, plot_landscape, pyplot, save_figure
+from ..figures import plot_landscape, pyplot, save_figure
 
 METRICS = ("acc", "asr", "ra")
 

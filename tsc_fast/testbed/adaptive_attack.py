@@ -27,13 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .align import unalign
-from .backdoor.attacks import Attack, build_attack, poison_dataset
-from .backdoor.data import clean_subset, load_digits_split
-from .backdoor.metrics import evaluate
-from .backdoor.train import BackdoorSetup, build_classifier, shuffled_batches
-from .batches import make_loader
-from .spec import discover
+from ..align import unalign
+from .attacks import Attack, build_attack, poison_dataset
+from ..data.embedded import load_digits_split
+from ..data.splits import clean_subset
+from ..metrics import evaluate
+from ..models import build_classifier
+from .classifier import shuffled_batches
+from .victims import BackdoorSetup
+from ..batches import make_loader
+from ..spec import discover
 
 
 @dataclass
@@ -137,7 +140,7 @@ def make_adaptive_backdoored_digits(attack: str = "badnets", rate: float = 0.1, 
                                     arch: str = "cnn", epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
                                     split_seed: int = 0, attack_options: dict[str, Any] | None = None,
                                     adaptive: AdaptiveConfig | None = None) -> BackdoorSetup:
-    """Like :func:`tsc_fast.backdoor.make_backdoored_digits`, with the adaptive training of this module.
+    """Like :func:`tsc_fast.testbed.victims.make_backdoored_digits`, with the adaptive training of this module.
 
     The returned setup's ``config`` holds ``adaptive`` (the settings) and ``adaptive_record`` (the losses).
     """

@@ -15,17 +15,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from . import distributed
-from .architectures import build_architecture, describe_architecture
-from .backdoor.attacks import Attack, PatchTrigger, build_attack, triggered_test_set
-from .backdoor.backdoorbench import NORMALIZATION, NormalizedModel
-from .backdoor.backdoorbench_defense import bare_network
-from .backdoor.data import DatasetSplits, clean_subset, load_dataset
-from .backdoor.metrics import accuracy, evaluate, loss_metrics, predict
-from .io import load_into, save_model
-from .run_folder import PURIFIED_FILE
-from .run_report import LandscapeRecorder
-from .tsc import TSCConfig, purify
+from .. import distributed
+from ..architectures import build_architecture, describe_architecture
+from ..testbed.attacks import Attack, PatchTrigger, build_attack, triggered_test_set
+from ..data.backdoorbench import NORMALIZATION
+from ..normalization import NormalizedModel
+from ..data.backdoorbench_defense import bare_network
+from ..data import DatasetSplits, clean_subset, load_dataset
+from ..metrics import accuracy, evaluate, loss_metrics, predict
+from ..model_io import load_into, save_model
+from ..run_folder import PURIFIED_FILE
+from ..run_report import LandscapeRecorder
+from ..tsc import TSCConfig, purify
 
 BENCHMARK_DATA = ("digits", "mnist", "cifar10", "gtsrb")  # training sets of which the defender holds a share
 DEFAULT_CLEAN_FRACTION = 0.05                             # of those; of a user's own folder or .npz: all of it
@@ -171,8 +172,8 @@ def prepare_backdoorbench_job(record_dir: str | Path, data_dir: str | Path | Non
     definitions on the record's poisoned test set. Besides ``purified.safetensors`` the job writes
     ``defense_result.pt`` in BackdoorBench's form (its analysis scripts read it unchanged).
     """
-    from .backdoor.backdoorbench import import_backdoorbench
-    from .backdoor.backdoorbench_defense import (DEFAULT_RATIO, attack_test_split, default_defense_dir,
+    from ..data.backdoorbench import import_backdoorbench
+    from ..data.backdoorbench_defense import (DEFAULT_RATIO, attack_test_split, default_defense_dir,
                                                  evaluate_backdoorbench, load_defender_data, save_defense_result)
 
     if clean_count is not None:
