@@ -1,20 +1,21 @@
 // Python binding of the assignment solver: numpy buffers in, int64 column indices out. The GIL is released
 // while solving; solve_many spreads matrices over native threads. Input checking beyond layout and dtype
 // (NaN, the wrong infinity) happens when `check` is set (tsc_fast.assign sets it for the native backend and
-// calls find_invalid for the others).
+// calls check_entries for the others). A pending Ctrl-C stops a long solve (see SignalWatch).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
-#include <optional>
+#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
-#include <utility>
 #include <vector>
 
 #include "jv.hpp"
@@ -23,6 +24,65 @@ namespace py = pybind11;
 using tsc_fast::CostView;
 
 namespace {
+
+// Lets solves that run without the GIL notice signals. The solve that runs on the calling thread polls
+// (SolveOptions::should_stop = poll_signals): at most once per kSignalPollInterval it takes the GIL and runs
+// PyErr_CheckSignals(), so Python's handlers run; when one raises (KeyboardInterrupt on Ctrl-C), its
+// exception stays set on the calling thread and `stop_` tells every solve of the call to give up. Solves on
+// worker threads only read `stop_` (poll_flag): Python runs signal handlers on the main thread only. A call
+// from another Python thread gives up polling after its first look, since its checks could never see one.
+// Solves shorter than the interval never touch the GIL.
+class SignalWatch {
+  public:
+    using Clock = std::chrono::steady_clock;
+    static constexpr std::chrono::milliseconds kSignalPollInterval{50};
+
+    SignalWatch() : last_poll_(Clock::now()) {}
+
+    static bool poll_signals(void* self) { return static_cast<SignalWatch*>(self)->poll(); }
+    static bool poll_flag(void* self) { return static_cast<SignalWatch*>(self)->stopped(); }
+
+    bool stopped() const { return stop_.load(std::memory_order_relaxed); }
+
+    // Called without the GIL, from the calling thread only.
+    bool poll() {
+        if (stopped()) return true;
+        if (!on_main_thread_) return false;
+        const Clock::time_point now = Clock::now();
+        if (now - last_poll_ < kSignalPollInterval) return false;
+        last_poll_ = now;
+        py::gil_scoped_acquire gil;
+        if (!checked_thread_) {
+            checked_thread_ = true;
+            on_main_thread_ = is_main_thread();
+            if (!on_main_thread_) return false;
+        }
+        if (PyErr_CheckSignals() != 0) stop_.store(true, std::memory_order_relaxed);
+        return stopped();
+    }
+
+    // With the GIL held, after the solves returned: raises the exception of the handler that stopped them.
+    [[noreturn]] void raise() const {
+        if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+        throw std::runtime_error("assignment solve stopped");   // not reached: stop_ is set with an error
+    }
+
+  private:
+    static bool is_main_thread() {
+        try {
+            const auto main_ident = py::module_::import("threading").attr("main_thread")().attr("ident");
+            return main_ident.cast<unsigned long>() == PyThread_get_thread_ident();
+        } catch (const std::exception&) {
+            PyErr_Clear();
+            return true;   // cannot tell: keep polling, which is merely useless elsewhere
+        }
+    }
+
+    std::atomic<bool> stop_{false};
+    Clock::time_point last_poll_;
+    bool checked_thread_ = false;
+    bool on_main_thread_ = true;
+};
 
 // A float32 or float64 matrix, as the solver sees it. Does not own the buffer.
 struct AnyCostView {
@@ -68,67 +128,93 @@ void solve_view(const AnyCostView& view, bool maximize, std::int64_t* out, const
     }
 }
 
-tsc_fast::SolveOptions options_of(std::int64_t sparse_min_cols, std::int32_t candidates, bool check) {
+tsc_fast::SolveOptions options_of(std::int64_t sparse_min_cols, std::int32_t candidates, bool check,
+                                  SignalWatch* watch = nullptr, bool (*poll)(void*) = nullptr) {
     if (candidates < 0 || candidates > 256) throw py::value_error("candidates must be in [0, 256]");
     tsc_fast::SolveOptions options;
     options.sparse_min_cols = sparse_min_cols;
     options.candidates = candidates;
     options.check_entries = check;
+    options.should_stop = poll;
+    options.stop_context = watch;
     return options;
 }
 
 py::array_t<std::int64_t> solve(const py::array& cost, bool maximize, std::int64_t sparse_min_cols,
                                 std::int32_t candidates, bool check) {
-    const tsc_fast::SolveOptions options = options_of(sparse_min_cols, candidates, check);
+    SignalWatch watch;
+    const tsc_fast::SolveOptions options =
+        options_of(sparse_min_cols, candidates, check, &watch, &SignalWatch::poll_signals);
     const AnyCostView view = view_of(cost);
     py::array_t<std::int64_t> result(view.rows());
     std::int64_t* out = result.mutable_data();
-    {
+    try {
         py::gil_scoped_release release;
         solve_view(view, maximize, out, options);
+    } catch (const tsc_fast::SolveStopped&) {
+        watch.raise();   // the GIL is back: release's destructor ran before this handler
     }
     return result;
 }
 
-std::optional<std::pair<std::ptrdiff_t, std::ptrdiff_t>> find_invalid(const py::array& cost, bool maximize) {
+// Raises ValueError naming the first NaN or disallowed infinity, in the words the solver itself uses.
+void check_entries(const py::array& cost, bool maximize) {
     const AnyCostView view = view_of(cost);
-    std::ptrdiff_t row = 0;
-    std::ptrdiff_t col = 0;
-    bool found = false;
-    {
-        py::gil_scoped_release release;
-        found = view.single ? tsc_fast::find_invalid_entry(view.f32, maximize, row, col)
-                            : tsc_fast::find_invalid_entry(view.f64, maximize, row, col);
+    py::gil_scoped_release release;
+    if (view.single) {
+        tsc_fast::check_entries(view.f32, maximize);
+    } else {
+        tsc_fast::check_entries(view.f64, maximize);
     }
-    if (!found) return std::nullopt;
-    return std::make_pair(row, col);
 }
 
-// Runs job(k) for k in [0, count) on up to `threads` threads (the calling one included) and returns the
-// exception of each job, if any. Threads that cannot be started leave their share to the others.
+// Runs job(k, on_caller) for k in [0, count) on up to `threads` threads (the calling one included; on_caller
+// tells which) and returns the exception of each job, if any. Threads that cannot be started leave their
+// share to the others. Once `watch` is stopped no job starts; the calling thread, done with its share, keeps
+// polling for signals while it waits for the others.
 template <class Job>
-std::vector<std::exception_ptr> run_parallel(std::size_t count, std::size_t threads, const Job& job) {
+std::vector<std::exception_ptr> run_parallel(std::size_t count, std::size_t threads, SignalWatch& watch,
+                                             const Job& job) {
     std::vector<std::exception_ptr> errors(count);
     std::atomic<std::size_t> next{0};
-    auto worker = [&]() {
-        for (std::size_t k = next++; k < count; k = next++) {
+    auto work = [&](bool on_caller) {
+        for (std::size_t k = next++; k < count && !watch.stopped(); k = next++) {
             try {
-                job(k);
+                job(k, on_caller);
             } catch (...) {
                 errors[k] = std::current_exception();
             }
         }
     };
+    std::mutex mutex;
+    std::condition_variable finished;
+    std::size_t running = 0;   // pool threads still working, guarded by mutex
     std::vector<std::thread> pool;
     const std::size_t extra = std::min(threads, count) - (count > 0 && threads > 0 ? 1 : 0);
     for (std::size_t t = 0; t < extra; ++t) {
         try {
-            pool.emplace_back(worker);
+            std::lock_guard<std::mutex> lock(mutex);
+            pool.emplace_back([&]() {
+                work(false);
+                std::lock_guard<std::mutex> done(mutex);
+                --running;
+                finished.notify_one();
+            });
+            ++running;
         } catch (const std::system_error&) {
             break;
         }
     }
-    worker();
+    work(true);
+    {
+        std::unique_lock<std::mutex> lock(mutex);
+        while (running > 0) {
+            if (finished.wait_for(lock, SignalWatch::kSignalPollInterval, [&] { return running == 0; })) break;
+            lock.unlock();
+            watch.poll();
+            lock.lock();
+        }
+    }
     for (auto& thread : pool) thread.join();
     return errors;
 }
@@ -136,7 +222,11 @@ std::vector<std::exception_ptr> run_parallel(std::size_t count, std::size_t thre
 py::list solve_many(const py::list& costs, bool maximize, std::size_t threads, std::int64_t sparse_min_cols,
                     std::int32_t candidates, bool check) {
     if (threads == 0) throw py::value_error("threads must be at least 1");
-    const tsc_fast::SolveOptions options = options_of(sparse_min_cols, candidates, check);
+    SignalWatch watch;
+    const tsc_fast::SolveOptions on_caller =
+        options_of(sparse_min_cols, candidates, check, &watch, &SignalWatch::poll_signals);
+    const tsc_fast::SolveOptions on_worker =
+        options_of(sparse_min_cols, candidates, check, &watch, &SignalWatch::poll_flag);
     std::vector<py::array> arrays;   // keeps every buffer alive while the GIL is released
     std::vector<AnyCostView> views;
     std::vector<py::array_t<std::int64_t>> results;
@@ -150,14 +240,16 @@ py::list solve_many(const py::list& costs, bool maximize, std::size_t threads, s
     std::vector<std::exception_ptr> errors;
     {
         py::gil_scoped_release release;
-        errors = run_parallel(views.size(), threads,
-                              [&](std::size_t k) { solve_view(views[k], maximize, outs[k], options); });
+        errors = run_parallel(views.size(), threads, watch, [&](std::size_t k, bool caller) {
+            solve_view(views[k], maximize, outs[k], caller ? on_caller : on_worker);
+        });
     }
+    if (watch.stopped()) watch.raise();   // before any other error: the user asked to stop
     for (std::size_t k = 0; k < errors.size(); ++k) {
         if (!errors[k]) continue;
         try {
             std::rethrow_exception(errors[k]);
-        } catch (const std::invalid_argument& e) {
+        } catch (const std::logic_error& e) {   // InfeasibleError, InvalidEntryError, length_error
             throw py::value_error("costs[" + std::to_string(k) + "]: " + e.what());
         }
     }
@@ -171,18 +263,23 @@ py::list solve_many(const py::list& costs, bool maximize, std::size_t threads, s
 PYBIND11_MODULE(_jv, m) {
     m.doc() = "Native Jonker-Volgenant linear assignment solver (see tsc_fast.assign for the public API).";
     const tsc_fast::SolveOptions defaults;
-    m.def("solve", &solve, py::arg("cost"), py::arg("maximize") = false,
+    m.attr("INFEASIBLE_MESSAGE") = tsc_fast::kInfeasibleMessage;
+    m.def("solve", &solve, py::arg("cost"), py::arg("maximize").noconvert() = false,
           py::arg("sparse_min_cols") = defaults.sparse_min_cols, py::arg("candidates") = defaults.candidates,
           py::arg("check") = false,
           "Optimal assignment of a float32/float64 2-D array (any strides); int64 column per row, -1 if none. "
-          "Entries must have passed find_invalid, or check be true (ValueError naming the first NaN or "
+          "Entries must have passed check_entries, or check be true (ValueError naming the first NaN or "
           "disallowed infinity; free on square matrices). Raises ValueError when infeasible. sparse_min_cols and "
-          "candidates tune the candidate-edge phase (tests lower them to exercise it on small inputs).");
-    m.def("find_invalid", &find_invalid, py::arg("cost"), py::arg("maximize") = false,
-          "(row, col) of the first NaN or disallowed infinity (-inf when minimising, +inf when maximising), "
-          "or None.");
-    m.def("solve_many", &solve_many, py::arg("costs"), py::arg("maximize") = false, py::arg("threads") = 1,
+          "candidates tune the candidate-edge phase (tests lower them to exercise it on small inputs). A "
+          "Python signal handler that raises (KeyboardInterrupt on Ctrl-C) stops the solve within about "
+          "50 ms and its exception propagates; nothing is returned.");
+    m.def("check_entries", &check_entries, py::arg("cost"), py::arg("maximize").noconvert() = false,
+          "Raises ValueError naming the first NaN or disallowed infinity (-inf when minimising, +inf when "
+          "maximising) in row-major order; returns None when there is none.");
+    m.def("solve_many", &solve_many, py::arg("costs"), py::arg("maximize").noconvert() = false,
+          py::arg("threads") = 1,
           py::arg("sparse_min_cols") = defaults.sparse_min_cols, py::arg("candidates") = defaults.candidates,
           py::arg("check") = false,
-          "solve() for each matrix of a list, on up to `threads` native threads.");
+          "solve() for each matrix of a list, on up to `threads` native threads. A signal that stops one "
+          "solve stops them all.");
 }

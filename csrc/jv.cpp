@@ -31,6 +31,12 @@
 // once; the candidate phase runs at most kMaxRounds rounds. No loop depends on a floating-point comparison
 // making progress.
 //
+// Cancellation: every step that reads a matrix row (or a row's candidate edges) counts what it read, and
+// after each kStopCheckWork entries, and at each phase boundary, SolveOptions::should_stop is asked whether
+// to stop (see StopCheck). The count is one subtraction per row read; matrices under kStoppableEntries
+// entries, which finish in milliseconds even in the worst case, are solved by an instance without it
+// (StopCheck<false>), so that small solves pay nothing.
+//
 // Precision: costs are read in their own type (float32 stays float32 in memory) and every dual and path
 // length is a double. `maximize` is handled by reading -c, never by a negated copy. Memory beyond the
 // matrix: O(rows + cols), plus about k edges per row (16 bytes each) on large matrices.
@@ -76,10 +82,52 @@ constexpr double kRoundingUlps = 16.0;
 
 struct InvalidEntryFound {};   // thrown by phase 1, turned into InvalidEntryError by solve_assignment
 
-const char* const kInfeasible =
-    "cost matrix is infeasible: every complete assignment uses a forbidden (infinite) entry";
+const char* const kInfeasible = kInfeasibleMessage;
 
-template <typename T>
+// Solves of fewer entries never ask should_stop: JV's worst case, about rows^2 * cols steps, is then under
+// 2**24 steps, a few milliseconds.
+constexpr std::int64_t kStoppableEntries = std::int64_t{1} << 16;
+
+// Asks SolveOptions::should_stop at phase boundaries (boundary) and once per kStopCheckWork units of work
+// (spend: one unit per matrix entry or candidate edge read); throws SolveStopped when it says so.
+// StopCheck<false> does nothing.
+template <bool Enabled = true>
+class StopCheck {
+  public:
+    explicit StopCheck(const SolveOptions& options)
+        : should_stop_(options.should_stop), context_(options.stop_context) {}
+    void boundary() {
+        if (should_stop_ != nullptr) ask();
+    }
+    void spend(std::int64_t work) {
+        budget_ -= work;
+        if (__builtin_expect(budget_ < 0, 0)) refill();
+    }
+
+  private:
+    // Out of line and cold, so that the hot loops only carry a subtraction and a branch.
+    __attribute__((noinline, cold)) void ask() {
+        if (should_stop_(context_)) throw SolveStopped{};
+    }
+    __attribute__((noinline, cold)) void refill() {
+        budget_ = kStopCheckWork;
+        boundary();
+    }
+
+    bool (*const should_stop_)(void*);
+    void* const context_;
+    std::int64_t budget_ = kStopCheckWork;
+};
+
+template <>
+class StopCheck<false> {
+  public:
+    explicit StopCheck(const SolveOptions&) {}
+    void boundary() {}
+    void spend(std::int64_t) {}
+};
+
+template <typename T, bool Stoppable>
 class JonkerVolgenant {
   public:
     // `cost` is the oriented problem (rows <= cols); sign = -1 reads -c, to maximise.
@@ -92,6 +140,7 @@ class JonkerVolgenant {
                                                       : kManyCandidates),
           rows_(static_cast<Index>(cost.rows)),
           cols_(static_cast<Index>(cost.cols)),
+          stop_(options),
           v_(cols_, 0.0),
           col_of_row_(rows_, kNone),
           row_of_col_(cols_, kNone) {
@@ -102,6 +151,7 @@ class JonkerVolgenant {
     const std::vector<Index>& solve() {
         if (rows_ == cols_) {
             reduce_columns();
+            stop_.boundary();
         } else {
             free_rows_.resize(rows_);
             for (Index i = 0; i < rows_; ++i) free_rows_[i] = i;
@@ -116,13 +166,17 @@ class JonkerVolgenant {
         const Scope scope = sparse ? Scope::Candidates : Scope::Dense;
         // Transfer pays when ARR has many rows to place; otherwise it is a pass over the matrix for little.
         if (rows_ == cols_ && many_free) transfer_reductions(scope);
+        stop_.boundary();
         std::size_t budget = static_cast<std::size_t>(
             (sparse ? kSparseReductionBudget : kDenseReductionBudget) * static_cast<double>(rows_));
-        for (int pass = 0; pass < kReductionPasses && !free_rows_.empty(); ++pass) reduce_rows(budget, scope);
+        for (int pass = 0; pass < kReductionPasses && !free_rows_.empty(); ++pass) {
+            reduce_rows(budget, scope);
+            stop_.boundary();
+        }
         if (sparse) augment_on_candidates_until_verified();   // also when ARR left no free row: it checks
         if (!free_rows_.empty()) {
             prepare_dense_search();
-            for (Index row : std::vector<Index>(free_rows_)) augment_dense(row);
+            for (Index row : std::vector<Index>(free_rows_)) augment_dense(row);   // relax() counts the work
         }
         return col_of_row_;
     }
@@ -165,7 +219,11 @@ class JonkerVolgenant {
 
     // The two smallest reduced costs of row i over all columns, or over its candidate edges.
     simd::TwoSmallest row_minima(Index i, Scope scope) {
-        if (scope == Scope::Dense) return simd::two_smallest(row(i), sign_, v_.data(), cols_);
+        if (scope == Scope::Dense) {
+            stop_.spend(cols_);
+            return simd::two_smallest(row(i), sign_, v_.data(), cols_);
+        }
+        stop_.spend(static_cast<std::int64_t>(candidates_[i].size()));
         simd::TwoSmallest m{kInf, kInf, kNone, kNone};
         for (const Edge& e : candidates_[i]) simd::keep_two_smallest(m, e.cost - v_[e.col], e.col);
         return m;
@@ -177,6 +235,7 @@ class JonkerVolgenant {
         std::fill(v_.begin(), v_.end(), kInf);
         bool invalid = false;
         for (Index i = 0; i < rows_; ++i) {   // row by row, so the matrix is read contiguously
+            stop_.spend(cols_);
             invalid |= simd::lower_column_minima(row(i), sign_, v_.data(), cheapest_row.data(), i, cols_);
         }
         if (invalid && options_.check_entries) throw InvalidEntryFound{};
@@ -265,6 +324,7 @@ class JonkerVolgenant {
             }
             return kNone;
         }
+        stop_.spend(cols_);
         const T* r = row(i);
         for (Index j = 0; j < cols_; ++j) {
             if (row_of_col_[j] == kNone && sign_ * static_cast<double>(r[j]) - v_[j] == value) return j;
@@ -314,6 +374,7 @@ class JonkerVolgenant {
     // with no finite entry gets none; it is infeasible, which the phases report when they meet it.
     void add_candidates(Index i, Index count) {
         count = std::min<Index>({count, cols_, kMaxCandidates});
+        stop_.spend(cols_);
         const auto tie_seed = static_cast<std::uint32_t>(i) * 0x27D4EB2Fu + 0x165667B1u;
         const Index found = simd::smallest_k(row(i), sign_, v_.data(), cols_, tie_seed, count, span_min_.data(),
                                              pool_.data(), picked_.data());
@@ -351,6 +412,7 @@ class JonkerVolgenant {
             for (Index j = 0; j < cols_; ++j) v_[j] = state_[j].v;
             free_violated_rows(unresolved);
             free_rows_.swap(unresolved);
+            stop_.boundary();
             if (free_rows_.empty() || round + 1 >= kMaxRounds) return;
             for (Index row : free_rows_) {
                 add_candidates(row, 2 * static_cast<Index>(candidates_[row].size()) + candidates_per_row_);
@@ -369,6 +431,7 @@ class JonkerVolgenant {
             const Index own = col_of_row_[i];
             if (own == kNone || !touched_[i]) continue;
             touched_[i] = 0;
+            stop_.spend(cols_);
             const T* r = row(i);
             const double least = simd::smallest(r, sign_, v_.data(), cols_);
             const double own_cost = cost(i, own);
@@ -406,6 +469,7 @@ class JonkerVolgenant {
         for (std::size_t t = 0; t < released.size(); ++t) {
             const Index col = released[t];
             if (v_[col] == 0.0) continue;
+            stop_.spend(rows_);
             v_[col] = 0.0;
             for (Index k = 0; k < rows_; ++k) {
                 const Index own = col_of_row_[k];
@@ -448,6 +512,7 @@ class JonkerVolgenant {
             settled_.push_back(col);
             settled_dist_.push_back(top.dist);
             // The row is tight at `col`, so reaching it costs exactly `dist`.
+            stop_.spend(static_cast<std::int64_t>(candidates_[row].size()));
             const double offset = cost(row, col) - state_[col].v - top.dist;
             for (const Edge& e : candidates_[row]) {
                 const ColumnState& s = state_[e.col];
@@ -535,6 +600,7 @@ class JonkerVolgenant {
     // dist[j] = min(dist[j], c(i, j) - v[j] - offset). Settled columns have open_v_ = -inf, so their
     // candidate is +inf and never wins. Returns the smallest open distance; records it per block.
     double relax(Index i, double offset, bool first) {
+        stop_.spend(cols_);
         return simd::relax(row(i), sign_, open_v_.data(), offset, dist_.data(), pred_.data(), i, cols_,
                            block_min_.data(), first);
     }
@@ -613,6 +679,7 @@ class JonkerVolgenant {
     const Index candidates_per_row_;
     const Index rows_;
     const Index cols_;
+    StopCheck<Stoppable> stop_;
     std::vector<double> v_;
     std::vector<Index> col_of_row_;
     std::vector<Index> row_of_col_;
@@ -640,7 +707,12 @@ class JonkerVolgenant {
 
 template <typename T>
 std::vector<Index> solve_oriented(const CostView<T>& cost, bool maximize, const SolveOptions& options) {
-    JonkerVolgenant<T> solver(cost, maximize ? -1.0 : 1.0, options);
+    const double sign = maximize ? -1.0 : 1.0;
+    if (options.should_stop != nullptr && cost.rows * cost.cols >= kStoppableEntries) {
+        JonkerVolgenant<T, true> solver(cost, sign, options);
+        return solver.solve();
+    }
+    JonkerVolgenant<T, false> solver(cost, sign, options);
     return solver.solve();
 }
 
@@ -651,8 +723,10 @@ bool is_invalid(T c) {
 }
 
 template <bool Maximize, typename T>
-bool find_invalid_entry(const CostView<T>& cost, std::ptrdiff_t& row, std::ptrdiff_t& col) {
+bool find_invalid_entry(const CostView<T>& cost, std::ptrdiff_t& row, std::ptrdiff_t& col,
+                        StopCheck<>* stop = nullptr) {
     for (std::ptrdiff_t i = 0; i < cost.rows; ++i) {
+        if (stop != nullptr) stop->spend(cost.cols);
         const T* r = cost.data + i * cost.row_stride;
         bool any = false;
         if (cost.col_stride == 1) {
@@ -674,9 +748,11 @@ bool find_invalid_entry(const CostView<T>& cost, std::ptrdiff_t& row, std::ptrdi
 
 // Throws InvalidEntryError naming the first invalid entry in row-major order, if there is one.
 template <typename T>
-void throw_if_invalid(const CostView<T>& cost, bool maximize) {
+void throw_if_invalid(const CostView<T>& cost, bool maximize, StopCheck<>* stop = nullptr) {
     std::ptrdiff_t row = 0, col = 0;
-    if (!(maximize ? find_invalid_entry<true>(cost, row, col) : find_invalid_entry<false>(cost, row, col))) return;
+    if (!(maximize ? find_invalid_entry<true>(cost, row, col, stop) : find_invalid_entry<false>(cost, row, col, stop))) {
+        return;
+    }
     const double value = cost.data[row * cost.row_stride + col * cost.col_stride];
     const char* const shown = std::isnan(value) ? "nan" : value > 0 ? "inf" : "-inf";
     throw InvalidEntryError("cost[" + std::to_string(row) + ", " + std::to_string(col) + "] is " + shown + ": " +
@@ -689,6 +765,11 @@ void throw_if_invalid(const CostView<T>& cost, bool maximize) {
 template <typename T>
 bool find_invalid_entry(const CostView<T>& cost, bool maximize, std::ptrdiff_t& row, std::ptrdiff_t& col) {
     return maximize ? find_invalid_entry<true>(cost, row, col) : find_invalid_entry<false>(cost, row, col);
+}
+
+template <typename T>
+void check_entries(const CostView<T>& cost, bool maximize) {
+    throw_if_invalid(cost, maximize);
 }
 
 template <typename T>
@@ -706,7 +787,10 @@ void solve_assignment(const CostView<T>& cost, bool maximize, std::int64_t* col_
     const CostView<T> oriented =
         transpose ? CostView<T>{cost.data, cost.cols, cost.rows, cost.col_stride, cost.row_stride} : cost;
     // Square matrices are checked during column reduction; rectangular ones need a pass of their own.
-    if (options.check_entries && cost.rows != cost.cols) throw_if_invalid(cost, maximize);
+    if (options.check_entries && cost.rows != cost.cols) {
+        StopCheck<> stop(options);
+        throw_if_invalid(cost, maximize, &stop);
+    }
     std::vector<Index> col_of_row;
     try {
         col_of_row = solve_oriented(oriented, maximize, options);
@@ -725,6 +809,8 @@ void solve_assignment(const CostView<T>& cost, bool maximize, std::int64_t* col_
 
 template bool find_invalid_entry<float>(const CostView<float>&, bool, std::ptrdiff_t&, std::ptrdiff_t&);
 template bool find_invalid_entry<double>(const CostView<double>&, bool, std::ptrdiff_t&, std::ptrdiff_t&);
+template void check_entries<float>(const CostView<float>&, bool);
+template void check_entries<double>(const CostView<double>&, bool);
 template void solve_assignment<float>(const CostView<float>&, bool, std::int64_t*, const SolveOptions&);
 template void solve_assignment<double>(const CostView<double>&, bool, std::int64_t*, const SolveOptions&);
 

@@ -1,4 +1,12 @@
 """tsc_fast.assign and the native Jonker-Volgenant solver, checked against scipy.optimize.linear_sum_assignment."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -410,3 +418,211 @@ def test_solve_many_on_threads_equals_sequential_solves(rng):
         assert totals == pytest.approx([assign.assignment_cost(c, p) for c, p in zip(costs, sequential)],
                                        rel=1e-9)
     assert assign.solve_many([]) == []
+
+
+# ---- settings are checked, never coerced ----
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+def test_maximize_must_be_a_bool(backend):
+    cost = np.arange(9.0).reshape(3, 3) * np.array([1.0, 2.0, 3.0])
+    for bad in ["no", "False", 1, 0, 1.0, None, np.array(True), [True]]:
+        with pytest.raises(ValueError, match=r"maximize must be True or False, got"):
+            assign.solve(cost, maximize=bad, backend=backend)
+        with pytest.raises(ValueError, match=r"maximize must be True or False, got"):
+            assign.solve_many([cost], maximize=bad, backend=backend)
+    assert assign.solve(cost, maximize=np.True_, backend=backend).tolist() == \
+        assign.solve(cost, maximize=True, backend=backend).tolist()
+    assert assign.solve(cost, maximize=np.False_, backend=backend).tolist() == \
+        assign.solve(cost, maximize=False, backend=backend).tolist()
+
+
+def test_threads_must_be_in_range():
+    for bad in [2**70, assign.MAX_THREADS + 1, np.int64(-3), 0, True, 2.0]:
+        with pytest.raises(ValueError, match=rf"threads must be an integer in \[1, {assign.MAX_THREADS}\] or None"):
+            assign.solve_many([np.zeros((2, 2))], threads=bad)
+    assert [p.tolist() for p in assign.solve_many([1 - np.eye(2)], threads=np.int64(2))] == [[0, 1]]
+    assert [p.tolist() for p in assign.solve_many([1 - np.eye(2)], threads=assign.MAX_THREADS)] == [[0, 1]]
+
+
+# ---- size limit ----
+
+HUGE = (10**6, 10**6)   # 10^12 entries: a broadcast view of it takes no memory, solving it would never end
+
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+def test_huge_matrices_are_refused_at_once(backend):
+    start = time.perf_counter()
+    # integer and float broadcast views (an integer one would be copied to float64 first), and a torch view
+    for cost in [np.broadcast_to(np.int8(1), HUGE), np.broadcast_to(np.float32(1.0), HUGE),
+                 torch.zeros((1, 1), dtype=torch.int32).expand(*HUGE)]:
+        with pytest.raises(assign.MatrixTooLargeError) as raised:
+            assign.solve(cost, backend=backend)
+        message = str(raised.value)
+        for part in ["1000000 x 1000000 = 1,000,000,000,000 entries", f"{assign.DEFAULT_MAX_ENTRIES:,}",
+                     "(the default)", "max_entries=None", assign.MAX_ENTRIES_ENV]:
+            assert part in message
+        with pytest.raises(assign.MatrixTooLargeError, match=r"^costs\[1\]: cost matrix of 1000000 x 1000000"):
+            assign.solve_many([np.zeros((2, 2)), cost], backend=backend)
+    assert isinstance(raised.value, ValueError)
+    assert time.perf_counter() - start < 10   # refused before any copy or solve (a robustness bound)
+
+
+@pytest.mark.parametrize("backend", ["native", "scipy", "lap"])
+def test_max_entries_overrides_the_limit(backend, monkeypatch):
+    monkeypatch.delenv(assign.MAX_ENTRIES_ENV, raising=False)
+    cost = 1 - np.eye(10)   # the identity is the one optimum
+    with pytest.raises(assign.MatrixTooLargeError, match=r"10 x 10 = 100 entries .* limit of 99 entries \(max_entries\)"):
+        assign.solve(cost, backend=backend, max_entries=99)
+    with pytest.raises(assign.MatrixTooLargeError, match=r"costs\[2\]: cost matrix of 10 x 10"):
+        assign.solve_many([np.eye(3), np.eye(9), cost], backend=backend, max_entries=99)
+    assert assign.solve(cost, backend=backend, max_entries=100).tolist() == list(range(10))
+    assert assign.solve(cost, backend=backend, max_entries=np.int64(100)).tolist() == list(range(10))
+    assert assign.solve(cost, backend=backend, max_entries=None).tolist() == list(range(10))
+    for bad in [0, -1, 1.5, True, "100", 1e9]:
+        with pytest.raises(ValueError, match=r"max_entries must be an integer >= 1"):
+            assign.solve(cost, backend=backend, max_entries=bad)
+    # the environment variable sets the limit where max_entries is left out; max_entries beats it
+    monkeypatch.setenv(assign.MAX_ENTRIES_ENV, "50")
+    with pytest.raises(assign.MatrixTooLargeError, match=rf"limit of 50 entries \(set by .*{assign.MAX_ENTRIES_ENV}\)"):
+        assign.solve(cost, backend=backend)
+    with pytest.raises(assign.MatrixTooLargeError, match=r"costs\[0\]"):
+        assign.solve_many([cost], backend=backend)
+    assert assign.solve(cost, backend=backend, max_entries=None).tolist() == list(range(10))
+    assert assign.solve(1 - np.eye(7), backend=backend).tolist() == list(range(7))
+    for text in ["none", " None "]:
+        monkeypatch.setenv(assign.MAX_ENTRIES_ENV, text)
+        assert assign.solve(cost, backend=backend).tolist() == list(range(10))
+    for text in ["lots", "0", "-5", "1e9"]:
+        monkeypatch.setenv(assign.MAX_ENTRIES_ENV, text)
+        with pytest.raises(ValueError, match=rf"{assign.MAX_ENTRIES_ENV} must be a positive integer"):
+            assign.solve(cost, backend=backend)
+
+
+# ---- one source for the solver's messages ----
+
+def test_every_backend_raises_the_solvers_own_messages():
+    assert assign.INFEASIBLE_MESSAGE == _jv.INFEASIBLE_MESSAGE
+    cases = [(np.array([[np.inf, np.inf], [1.0, 2.0]]), False), (np.array([[0.0, np.nan], [1.0, 2.0]]), False),
+             (np.array([[0.0, 1.0], [-np.inf, 2.0]], np.float32), False), (np.array([[0.0, 1.0, np.inf]]), True)]
+    for cost, maximize in cases:
+        messages = set()
+        for backend in ["native", "scipy", "lap"]:
+            with pytest.raises(ValueError) as raised:
+                assign.solve(cost, maximize=maximize, backend=backend)
+            messages.add(str(raised.value))
+        assert len(messages) == 1, messages
+
+
+# ---- signals during a native solve ----
+
+def slow_matrix(n):
+    """c[i, j] = i * j: JV needs about n^3 / 2.5e9 s on it here (3000: ~11 s; random costs take ~0.03 s)."""
+    index = np.arange(n, dtype=np.float32)
+    return index[:, None] * index[None, :]
+
+
+SLOW_SIDE = 3000   # float32, 36 MB; exact in float32 (i * j < 2**24)
+
+# Runs in a fresh interpreter: imports tsc_fast.assign without tsc_fast/__init__ (which imports torch, seconds
+# on a busy machine), says "solving", then solves slow matrices until interrupted.
+INTERRUPTED_CHILD = textwrap.dedent("""
+    import sys, time, types
+    package = types.ModuleType("tsc_fast")
+    package.__path__ = [sys.argv[1]]
+    sys.modules["tsc_fast"] = package
+    import numpy as np
+    from tsc_fast import assign
+    mode, n = sys.argv[2], int(sys.argv[3])
+    index = np.arange(n, dtype=np.float32)
+    cost = index[:, None] * index[None, :]
+    print("solving", flush=True)
+    start = time.perf_counter()
+    try:
+        if mode == "solve":
+            assign.solve(cost)
+        elif mode == "many":
+            assign.solve_many([cost, cost.copy()], threads=2)
+        else:   # one tiny, one slow: either thread may get the slow one, the other waits
+            assign.solve_many([cost[:3, :3], cost], threads=2)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.perf_counter() - start:.3f} s", flush=True)
+        raise
+    print("finished", flush=True)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("mode", ["solve", "many", "many_tiny_first"])
+def test_ctrl_c_stops_a_long_native_solve(mode):
+    """SIGINT during a solve that would take ~11 s here (and seconds on any machine) ends it with
+    KeyboardInterrupt at once; on solve_many's threads it stops every thread (else the call would wait for the
+    other matrix). The bounds are generous robustness bounds, not speed claims."""
+    package = os.path.dirname(assign.__file__)
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_CHILD, package, mode, str(SLOW_SIDE)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, child.kill)   # a child stuck before "solving" must not hang the suite
+    watchdog.start()
+    try:
+        assert child.stdout.readline().strip() == "solving", child.stderr.read()
+        time.sleep(0.3)   # let it get into the solve
+        interrupted_at = time.perf_counter()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+        after_signal = time.perf_counter() - interrupted_at
+    finally:
+        watchdog.cancel()
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert "KeyboardInterrupt" in err and "interrupted after" in out and "finished" not in out, (out, err)
+    assert child.returncode != 0
+    assert after_signal < 4.0, f"the solve went on for {after_signal:.1f} s after SIGINT"
+
+
+needs_itimer = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
+
+
+class Alarm(Exception):
+    pass
+
+
+@needs_itimer
+def test_a_raising_signal_handler_stops_the_solve_and_its_exception_propagates():
+    cost = slow_matrix(SLOW_SIDE)
+
+    def handler(signum, frame):
+        raise Alarm("timer")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        start = time.perf_counter()
+        with pytest.raises(Alarm):
+            assign.solve(cost)
+        assert time.perf_counter() - start < 4.0   # robustness bound: uninterrupted, ~11 s here
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(Alarm):
+            assign.solve_many([cost, cost], threads=2)
+        assert time.perf_counter() - start < 8.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # the module is left usable
+    small = slow_matrix(50)
+    assert assign.solve(small).tolist() == list(range(49, -1, -1))
+
+
+@needs_itimer
+def test_signal_handlers_that_return_let_the_solve_finish_optimally():
+    n = 1200   # ~0.6 s here
+    calls = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: calls.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        perm = assign.solve(slow_matrix(n))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert perm.tolist() == list(range(n - 1, -1, -1))   # the anti-diagonal is optimal for i * j
+    # pending signals are coalesced: two or more calls mean the handler also ran inside the solve
+    assert len(calls) >= 2

@@ -20,31 +20,75 @@ Conventions, shared by all backends:
   other infinity and NaN raise ValueError naming the entry. A matrix where every complete assignment needs a
   forbidden pair raises ValueError.
 - Ties: any optimal assignment may be returned; backends may differ in which one, never in the total.
+
+Settings are checked, never coerced: ``maximize`` must be True or False (numpy bools too), ``threads`` None or
+an integer in [1, MAX_THREADS], ``backend`` one of BACKENDS; anything else raises ValueError naming the setting.
+
+Size limit: a matrix with more than ``max_entries`` entries (rows * cols) is refused at once with
+:class:`MatrixTooLargeError`, before anything is copied or solved. Jonker-Volgenant reads every entry several
+times and its worst case grows as rows^2 * cols: on this project's 2-core test machine an adversarial
+float32 matrix c[i, j] = i * j takes about 3 s at 2000 x 2000 and 11 s at 3000 x 3000 (random costs of that
+size: 0.03 s), so the default limit,
+DEFAULT_MAX_ENTRIES = 2**30 (a 32768 x 32768 matrix: 4 GiB as float32, 8 GiB as float64, hours in the worst
+case), is about as large as a solve can still be afforded, while the widest permutation groups of today's
+models (~16k units, 2.7e8 entries) stay well inside; typical correlation costs solve far faster than the worst
+case. ``max_entries=N`` raises or lowers it per call, ``max_entries=None`` removes it, and the environment
+variable ``TSC_FAST_ASSIGN_MAX_ENTRIES`` (a positive integer, or ``none``) sets it for calls that leave
+``max_entries`` out (e.g. the ones tsc_fast.align makes). It applies to every backend, and to each matrix of
+``solve_many``. The native solver itself indexes rows and columns with 32 bits (at most 2**31 - 1 each).
+
+Ctrl-C: the native solver runs without the GIL but looks for pending signals about every 50 ms (between its
+phases and during long ones), so Ctrl-C stops a long ``solve`` or ``solve_many`` (all of its threads) with
+KeyboardInterrupt, returning nothing. The scipy and lap backends cannot be interrupted inside a solve.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional
 
 import numpy as np
 
-from . import _jv
+from . import _jv, validate
 
-__all__ = ["solve", "solve_many", "assignment_cost", "BACKENDS"]
+__all__ = ["solve", "solve_many", "assignment_cost", "BACKENDS", "MatrixTooLargeError", "DEFAULT_MAX_ENTRIES",
+           "MAX_ENTRIES_ENV", "MAX_THREADS"]
 
 BACKENDS = ("auto", "native", "scipy", "lap")
 
-INFEASIBLE_MESSAGE = "cost matrix is infeasible: every complete assignment uses a forbidden (infinite) entry"
+# The solver's own words (defined once, in csrc/jv.hpp), raised by every backend.
+INFEASIBLE_MESSAGE = _jv.INFEASIBLE_MESSAGE
+
+DEFAULT_MAX_ENTRIES = 2**30            # rows * cols; see "Size limit" in the module docstring
+MAX_ENTRIES_ENV = "TSC_FAST_ASSIGN_MAX_ENTRIES"
+MAX_THREADS = 4096                     # solve_many's threads; more than there are matrices never start
 
 
-def solve(cost: Any, maximize: bool = False, backend: str = "auto") -> np.ndarray:
+class MatrixTooLargeError(ValueError):
+    """A cost matrix over the size limit (max_entries); the message names its size, the limit and the override."""
+
+
+class _FromEnvironment:
+    """Default of max_entries: $TSC_FAST_ASSIGN_MAX_ENTRIES when set, else DEFAULT_MAX_ENTRIES."""
+
+    def __repr__(self) -> str:
+        return f"${MAX_ENTRIES_ENV} or {DEFAULT_MAX_ENTRIES}"
+
+
+_LIMIT_FROM_ENV: Any = _FromEnvironment()
+
+
+def solve(cost: Any, maximize: bool = False, backend: str = "auto", *,
+          max_entries: int | None = _LIMIT_FROM_ENV) -> np.ndarray:
     """Optimal assignment of a 2-D cost matrix.
 
     Args:
         cost: 2-D array-like or torch tensor, shape (rows, cols); see the module docstring for dtypes,
             forbidden entries and rectangular shapes.
-        maximize: maximise the summed cost instead of minimising it.
+        maximize: True to maximise the summed cost instead of minimising it (a bool: True or False).
         backend: "auto" (= "native"), "native", "scipy" or "lap".
+        max_entries: refuse matrices with more than this many entries (rows * cols); None: no limit.
+            Default: $TSC_FAST_ASSIGN_MAX_ENTRIES if set, else DEFAULT_MAX_ENTRIES (2**30); see the module
+            docstring for what a solve of that size costs.
 
     Returns:
         int64 array p of length rows: row i is assigned to column p[i], or p[i] == -1 when rows outnumber
@@ -52,38 +96,46 @@ def solve(cost: Any, maximize: bool = False, backend: str = "auto") -> np.ndarra
 
     Raises:
         ValueError: not 2-D, NaN or a disallowed infinity (the message names the entry), an infeasible
-            matrix, or an unknown backend.
+            matrix, or a setting outside what it accepts (maximize, backend, max_entries).
+        MatrixTooLargeError (a ValueError): more than max_entries entries.
         TypeError: a cost that is not real-valued.
+        KeyboardInterrupt: Ctrl-C during a native solve.
     """
+    maximize = validate.boolean("maximize", maximize)
     solver = _backend(backend)
+    limit = _entry_limit(max_entries)
     if solver is _solve_native:   # the native solver checks entries itself, during its first pass
-        return _jv.solve(_as_float_matrix(cost), bool(maximize), check=True)
-    return solver(_validated(cost, maximize), bool(maximize))
+        return _jv.solve(_as_float_matrix(cost, limit), maximize, check=True)
+    return solver(_validated(cost, maximize, limit), maximize)
 
 
 def solve_many(costs: Iterable[Any], maximize: bool = False, threads: Optional[int] = None,
-               backend: str = "auto") -> List[np.ndarray]:
+               backend: str = "auto", *, max_entries: int | None = _LIMIT_FROM_ENV) -> List[np.ndarray]:
     """``solve`` for each matrix of ``costs`` (any shapes), in order.
 
-    The native backend spreads the matrices over ``threads`` native threads (None: ``os.cpu_count()``),
-    without the GIL; the other backends solve them one after another. A 3-D array or tensor counts as a
-    sequence of 2-D matrices. Errors name the offending matrix, e.g. ``costs[3]: cost matrix is infeasible``.
+    The native backend spreads the matrices over ``threads`` native threads (None: ``os.cpu_count()``; an
+    integer in [1, MAX_THREADS] otherwise, and never more threads than matrices), without the GIL; the other
+    backends solve them one after another. A 3-D array or tensor counts as a sequence of 2-D matrices.
+    ``max_entries`` applies to each matrix, as in ``solve``. Errors name the offending matrix, e.g.
+    ``costs[3]: cost matrix is infeasible``. Ctrl-C stops every thread and raises KeyboardInterrupt.
     """
+    maximize = validate.boolean("maximize", maximize)
     solver = _backend(backend)
     thread_count = _thread_count(threads)
+    limit = _entry_limit(max_entries)
     native = solver is _solve_native
     matrices = []
     for index, cost in enumerate(costs):
         try:
-            matrices.append(_as_float_matrix(cost) if native else _validated(cost, maximize))
+            matrices.append(_as_float_matrix(cost, limit) if native else _validated(cost, maximize, limit))
         except (ValueError, TypeError) as error:
             raise type(error)(f"costs[{index}]: {error}") from None
     if native:
-        return list(_jv.solve_many(matrices, bool(maximize), thread_count, check=True))
+        return list(_jv.solve_many(matrices, maximize, thread_count, check=True))
     results = []
     for index, matrix in enumerate(matrices):
         try:
-            results.append(solver(matrix, bool(maximize)))
+            results.append(solver(matrix, maximize))
         except ValueError as error:
             raise ValueError(f"costs[{index}]: {error}") from None
     return results
@@ -115,10 +167,66 @@ def assignment_cost(cost: Any, perm: Any) -> float:
 # ---- input checks, shared by every backend (the native solver runs the entry check itself, in C++, with
 # the same rule and message as _validated, so that it costs no extra pass over square matrices) ----
 
-def _to_numpy(value: Any) -> np.ndarray:
-    """A numpy view of a torch tensor (moved to the CPU if needed), or np.asarray of anything else."""
+class _Limit(NamedTuple):
+    entries: int | None      # None: no limit
+    source: str              # where it came from, for the error message
+
+
+_DEFAULT_LIMIT = _Limit(DEFAULT_MAX_ENTRIES, "the default")
+
+
+def _entry_limit(max_entries: Any) -> _Limit:
+    """The size limit from max_entries, or by default from the environment, else DEFAULT_MAX_ENTRIES."""
+    if max_entries is _LIMIT_FROM_ENV:
+        text = os.environ.get(MAX_ENTRIES_ENV, "").strip()   # read on every call, so that setting it works
+        if not text:
+            return _DEFAULT_LIMIT
+        if text.lower() == "none":
+            return _Limit(None, MAX_ENTRIES_ENV)
+        try:
+            limit = int(text)
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            raise ValueError(f"environment variable {MAX_ENTRIES_ENV} must be a positive integer (the most "
+                             f"entries a cost matrix may have) or 'none' (no limit), got {text!r}")
+        return _Limit(limit, f"set by the environment variable {MAX_ENTRIES_ENV}")
+    if max_entries is None:
+        return _Limit(None, "max_entries")
+    return _Limit(validate.integer("max_entries", max_entries, 1), "max_entries")
+
+
+def _check_size(shape: tuple, limit: _Limit | None) -> None:
+    """Refuses a 2-D shape with more than limit.entries entries, before the matrix is copied or solved."""
+    if limit is None or limit.entries is None or len(shape) != 2:
+        return
+    rows, cols = shape
+    entries = int(rows) * int(cols)   # Python ints: no overflow
+    if entries <= limit.entries:
+        return
+    override = "pass a larger max_entries, or max_entries=None for no limit"
+    if limit.source != "max_entries":   # the environment only applies where max_entries is left out
+        override += f", or set the environment variable {MAX_ENTRIES_ENV} to a larger number or to none"
+    raise MatrixTooLargeError(
+        f"cost matrix of {rows} x {cols} = {entries:,} entries is over the size limit of {limit.entries:,} "
+        f"entries ({limit.source}): the solver reads every entry several times, its worst-case time grows as "
+        f"rows^2 * cols, and stored densely the matrix takes {_size_text(entries * 4)} as float32. To solve it "
+        f"anyway, {override}")
+
+
+def _size_text(n_bytes: int) -> str:
+    for unit, scale in [("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)]:
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{n_bytes} bytes"
+
+
+def _to_numpy(value: Any, max_entries: _Limit | None = None) -> np.ndarray:
+    """A numpy view of a torch tensor (moved to the CPU if needed), or np.asarray of anything else. A 2-D
+    shape over the size limit raises MatrixTooLargeError before anything is copied."""
     if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):
         tensor = value.detach()
+        _check_size(tuple(tensor.shape), max_entries)
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         if str(tensor.layout) != "torch.strided":
@@ -131,12 +239,14 @@ def _to_numpy(value: Any) -> np.ndarray:
         elif tensor.element_size() < 4:   # float16 / bfloat16: numpy has no bfloat16
             tensor = tensor.float()
         return tensor.numpy()
-    return np.asarray(value)
+    array = np.asarray(value)
+    _check_size(array.shape, max_entries)
+    return array
 
 
-def _as_float_matrix(cost: Any) -> np.ndarray:
+def _as_float_matrix(cost: Any, max_entries: _Limit | None = None) -> np.ndarray:
     """float32 or float64, 2-D, native byte order, strides the native solver can use; copies only if needed."""
-    matrix = _to_numpy(cost)
+    matrix = _to_numpy(cost, max_entries)
     if matrix.dtype.kind == "c":
         raise TypeError(f"cost must be real-valued, got {matrix.dtype}")
     if matrix.dtype.kind not in "fiub":
@@ -157,24 +267,17 @@ def _as_float_matrix(cost: Any) -> np.ndarray:
     return matrix
 
 
-def _validated(cost: Any, maximize: bool) -> np.ndarray:
-    """_as_float_matrix plus the entry check (NaN, disallowed infinity) with the native solver's message."""
-    matrix = _as_float_matrix(cost)
-    bad = _jv.find_invalid(matrix, bool(maximize))
-    if bad is not None:
-        row, col = bad
-        banned = "NaN and +inf are not allowed when maximising (-inf marks a forbidden pair)" if maximize else \
-            "NaN and -inf are not allowed when minimising (+inf marks a forbidden pair)"
-        raise ValueError(f"cost[{row}, {col}] is {matrix[row, col]}: {banned}")
+def _validated(cost: Any, maximize: bool, max_entries: _Limit | None = None) -> np.ndarray:
+    """_as_float_matrix plus the entry check (NaN, disallowed infinity), raising the native solver's message."""
+    matrix = _as_float_matrix(cost, max_entries)
+    _jv.check_entries(matrix, maximize)
     return matrix
 
 
-def _thread_count(threads: Optional[int]) -> int:
+def _thread_count(threads: Any) -> int:
     if threads is None:
-        return os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    return int(threads)
+        return min(os.cpu_count() or 1, MAX_THREADS)
+    return validate.integer("threads", threads, 1, MAX_THREADS, allow_none=True)
 
 
 # ---- backends: validated float32/float64 matrix in, int64 column per row out ----

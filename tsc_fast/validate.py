@@ -9,6 +9,8 @@ import math
 import numbers
 from typing import Any, Iterable
 
+import numpy as np
+
 
 class SettingError(ValueError):
     """A setting outside what it accepts; the message names the setting, the value and the allowed range."""
@@ -50,7 +52,7 @@ def real(name: str, value: Any, minimum: float | None = None, maximum: float | N
 
 def boolean(name: str, value: Any) -> bool:
     """True or False (numpy bools too); never a truthy string or number."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise _fail(name, value, "True or False")
 
