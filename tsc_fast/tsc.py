@@ -24,12 +24,13 @@ from . import distributed as ddp
 from .align import realign, unalign
 from .batches import (AugmentedBatches, BatchAugment, batch_inputs, dataset_size, default_shift, make_loader,
                       steps_per_epoch)
-from .checkpoint import join_state, split_state, tensor_digest
+from .checkpoint import tensor_digest
 from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
 from .spec import TAP_POINTS, PermutationSpec, discover, permute
 from .stats import OBJECTIVES
 from .module_tools import model_device
 from .run_report import build_report, write_report
+from .run_state import STEPS, RunState
 from .training import ComputeOptions, DivergedError, LoopState, all_finite
 
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps
@@ -208,9 +209,6 @@ def _image_size(x: Any) -> int | None:
 
 
 CurveCallback = Callable[[int, int, BezierCurve, Any], None]   # (round, stage, trained curve, stats batches)
-# The steps of one round, in order. A checkpoint records the next step to run (and, inside a curve or the
-# fine-tune, the optimisation loop's state), so a resumed run continues exactly where the last one stopped.
-STEPS = ("unalign", "curve1", "realign", "curve2", "finetune")
 RESULT_NEUTRAL = ("progress", "device", "warn_below_steps")  # settings that do not change the result
 
 
@@ -275,17 +273,14 @@ class _Run:
             raise ValueError(f"{type(model).__name__} has no permutation groups (no hidden units that can be "
                              "permuted without changing its function): TSC has nothing to permute. Check "
                              "print(tsc_fast.discover(model, x)) and any `exclude` you passed")
-        self.result = TSCResult(model=self.current, spec=self.spec, plan=self.plan)
+        self.state = RunState()                           # the position, and what the next step needs
+        self.stage1_point: nn.Module | None = None        # between the stage-1 and the stage-2 curve
+        self.result = TSCResult(model=self.current, spec=self.spec, plan=self.plan, history=self.state.history,
+                                perms=self.state.perms)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.interval_s = interval_s
         self.last_save = time.perf_counter()
         self.identity = self._identity(model, num_examples, clean_data) if self.checkpoint_dir else {}
-        # position and what the next step needs
-        self.round, self.step = 0, STEPS[0]
-        self.stage1_point: nn.Module | None = None
-        self.middle: torch.Tensor | None = None           # a curve's middle control point, inside a curve
-        self.loop: LoopState | None = None                # the optimisation loop's state, inside a curve/fine-tune
-        self.pending: dict[str, Any] = {}                 # alignment summary and timings of the running stage
         self.compute = ComputeOptions(config.autocast, config.channels_last)
 
     # ------------------------------------------------------------------ the rounds
@@ -296,19 +291,20 @@ class _Run:
             self._restore()
         run = {"unalign": self._unalign, "curve1": self._curve1, "realign": self._realign, "curve2": self._curve2,
                "finetune": self._finetune}
-        while self.round < self.config.rounds:
-            run[self.step]()
+        while self.state.round < self.config.rounds:
+            run[self.state.step]()
         self.result.model = self.current.eval()
         self.result.seconds = time.perf_counter() - self.started
         return self.result
 
     def _advance(self) -> None:
         """Move to the next step (fine-tune only between rounds, and only if it has epochs) and checkpoint."""
-        index = STEPS.index(self.step) + 1
-        last_round = self.round == self.config.rounds - 1
+        state = self.state
+        index = STEPS.index(state.step) + 1
+        last_round = state.round == self.config.rounds - 1
         if index == len(STEPS) or (STEPS[index] == "finetune" and (last_round or self.config.finetune_epochs <= 0)):
-            self.round, index = self.round + 1, 0
-        self.step, self.middle, self.loop = STEPS[index], None, None
+            state.round, index = state.round + 1, 0
+        state.step, state.middle, state.loop = STEPS[index], None, None
         self._save()  # after the last step too: resuming a finished run returns its result at once
 
     def _align_kw(self) -> dict[str, Any]:
@@ -322,7 +318,7 @@ class _Run:
         if not self.config.stats_augment:
             return self.stats_batches if batch_size == self.config.stats_batch_size else \
                 make_loader(self.clean_data, batch_size, shuffle=False)
-        seed = self.config.seed + 1000 * self.round + 100 + purpose
+        seed = self.config.seed + 1000 * self.state.round + 100 + purpose
         return AugmentedBatches(make_loader(self.clean_data, batch_size, shuffle=True, seed=seed), self.plan.augment,
                                 seed)
 
@@ -339,31 +335,31 @@ class _Run:
         self._aligned(alignment, time.perf_counter() - t0)
 
     def _aligned(self, alignment, seconds: float) -> None:
-        self.result.perms.append(alignment.perms)  # the last one feeds the next curve
-        self.pending = {"alignment": alignment.summary(), "seconds": {"align": seconds}}
+        self.state.perms.append(alignment.perms)  # the last one feeds the next curve
+        self.state.pending = {"alignment": alignment.summary(), "seconds": {"align": seconds}}
         self._advance()
 
     def _curve1(self) -> None:
-        unaligned = permute(self.current, self.spec, self.result.perms[-1])
+        unaligned = permute(self.current, self.spec, self.state.perms[-1])
         self.stage1_point = self._curve(self.current, unaligned, self.config.t_stage1, stage=1)
         self._advance()
 
     def _curve2(self) -> None:
-        realigned = permute(self.current, self.spec, self.result.perms[-1])
+        realigned = permute(self.current, self.spec, self.state.perms[-1])
         self.current = self._curve(realigned, self.stage1_point, self.config.t_stage2, stage=2)
         self.stage1_point = None
         self._advance()
 
     def _curve(self, start: nn.Module, end: nn.Module, t: float, stage: int) -> nn.Module:
-        c, plan, r = self.config, self.plan, self.round
+        c, plan, state, r = self.config, self.plan, self.state, self.state.round
         t0 = time.perf_counter()
         curve = BezierCurve(start, end).to(self.device)
-        if self.middle is not None:
+        if state.middle is not None:
             with torch.no_grad():
-                curve.middle.copy_(self.middle)
+                curve.middle.copy_(state.middle)
 
-        def save_epoch(state: LoopState) -> None:
-            self.middle, self.loop = curve.middle.detach(), state
+        def save_epoch(loop: LoopState) -> None:
+            state.middle, state.loop = curve.middle.detach(), loop
             self._save(interim=True)
 
         losses = train_curve(curve, self.train_batches, plan.curve_epochs, loss_fn=self.loss_fn, lr=c.lr,
@@ -371,31 +367,31 @@ class _Run:
                              t_max=plan.cosine_t_max, augment=plan.augment,
                              seed=c.seed + 1000 * r + stage, device=self.device,
                              desc=f"round {r + 1}/{c.rounds} curve {stage}", progress=c.progress and ddp.is_main(),
-                             resume=self.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None,
+                             resume=state.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None,
                              compute=self.compute)
         if self.on_curve is not None:
             self.on_curve(r + 1, stage, curve, self.stats_batches)
         point = curve.point(t)
         recalibrate_bn(point, self._pass_batches(plan.bn_batch_size, STEPS.index(f"curve{stage}")), device=self.device)
         _require_finite(point, f"round {r + 1}, stage {stage}: the curve point at t={t:g}")
-        seconds = {**self.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
-        self.result.history.append(_stage_record(r, stage, t, losses, self.pending["alignment"], seconds))
+        seconds = {**state.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
+        state.history.append(_stage_record(r, stage, t, losses, state.pending["alignment"], seconds))
         return point
 
     def _finetune(self) -> None:
-        c, r = self.config, self.round
+        c, state, r = self.config, self.state, self.state.round
         t0 = time.perf_counter()
 
-        def save_epoch(state: LoopState) -> None:
-            self.loop = state
+        def save_epoch(loop: LoopState) -> None:
+            state.loop = loop
             self._save(interim=True)
 
-        record = self.result.history[-1]
+        record = state.history[-1]
         record["finetune_losses"] = finetune(
             self.current, self.train_batches, c.finetune_epochs, loss_fn=self.loss_fn, lr=c.finetune_lr,
             momentum=c.momentum, weight_decay=c.weight_decay, augment=self.plan.augment,
             seed=c.seed + 1000 * r + 3, device=self.device, desc=f"round {r + 1} fine-tune",
-            progress=c.progress and ddp.is_main(), resume=self.loop,
+            progress=c.progress and ddp.is_main(), resume=state.loop,
             on_epoch_end=save_epoch if self.checkpoint_dir else None, compute=self.compute)
         record["seconds"]["finetune"] = record["seconds"].get("finetune", 0.0) + time.perf_counter() - t0
         _require_finite(self.current, f"round {r + 1}: the fine-tuned model")
@@ -419,21 +415,8 @@ class _Run:
         if interim and time.perf_counter() - self.last_save < self.interval_s:
             return
         if ddp.is_main():
-            tensors = {f"model/{k}": v for k, v in self.current.state_dict().items()}
-            if self.stage1_point is not None:
-                tensors.update({f"stage1/{k}": v for k, v in self.stage1_point.state_dict().items()})
-            if self.middle is not None:
-                tensors["middle"] = self.middle
-            # the global RNG drives a user DataLoader's shuffling and dropout: a resumed run needs it too
-            tensors["rng/torch"] = torch.get_rng_state()
-            meta = {"identity": self.identity, "round": self.round, "step": self.step,
-                    "history": self.result.history, "pending": self.pending,
-                    "perms_used": [{g: np.asarray(p).tolist() for g, p in ps.items()} for ps in self.result.perms],
-                    "elapsed_s": time.perf_counter() - self.started}
-            if self.loop is not None:
-                loop_tensors, loop_plain = split_state("loop", dataclasses.asdict(self.loop))
-                tensors.update(loop_tensors)
-                meta["loop"] = loop_plain
+            tensors, meta = self.state.to_checkpoint(self.current, self.stage1_point, self.identity,
+                                                     time.perf_counter() - self.started)
             checkpoint.save(self.checkpoint_dir, tensors, meta)
         ddp.barrier()
         self.last_save = time.perf_counter()
@@ -444,60 +427,19 @@ class _Run:
             raise checkpoint.CheckpointError(f"the checkpoint in {self.checkpoint_dir} has no run identity")
         checkpoint.check_same_run(meta["identity"], self.identity, self.checkpoint_dir)
         try:
-            self._check_position(meta, tensors)
-            self._load_state(tensors, meta)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-            if isinstance(error, checkpoint.CheckpointError):
-                raise
-            raise checkpoint.CheckpointError(f"the checkpoint in {self.checkpoint_dir} cannot be resumed: its run "
-                                             f"state is damaged ({type(error).__name__}: {error})") from None
-
-    def _check_position(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """The saved position is one this run can reach, with what that position needs."""
-        rounds, round_, step = self.config.rounds, meta["round"], meta["step"]
-        if isinstance(round_, bool) or not isinstance(round_, int) or not 0 <= round_ <= rounds:
-            raise checkpoint.CheckpointError(f"checkpoint round {round_!r} is outside 0..{rounds}")
-        if step not in STEPS or (round_ == rounds and step != STEPS[0]):
-            raise checkpoint.CheckpointError(f"checkpoint step {step!r} is not one of {STEPS}")
-        perms = meta["perms_used"]
-        done = 2 * round_ + {"unalign": 0, "curve1": 1, "realign": 1, "curve2": 2, "finetune": 2}[step]
-        if not isinstance(perms, list) or len(perms) != done:
-            raise checkpoint.CheckpointError(f"checkpoint at round {round_ + 1} step {step!r} records "
-                                             f"{len(perms) if isinstance(perms, list) else perms!r} alignments, "
-                                             f"expected {done}")
-        for entry in perms:
-            if not isinstance(entry, dict) or set(entry) != set(self.spec.groups):
-                raise checkpoint.CheckpointError("checkpoint permutations name other groups than this model's")
-            for group, perm in entry.items():
-                if sorted(perm) != list(range(self.spec.groups[group])):
-                    raise checkpoint.CheckpointError(f"checkpoint permutation of {group!r} is not a permutation")
-        needs_stage1 = step in ("realign", "curve2")
-        if needs_stage1 != any(k.startswith("stage1/") for k in tensors):
-            raise checkpoint.CheckpointError(f"checkpoint at step {step!r} {'lacks' if needs_stage1 else 'has'} the "
-                                             "stage-1 point")
-        if not isinstance(meta["history"], list) or not isinstance(meta["pending"], dict):
-            raise checkpoint.CheckpointError("checkpoint history/pending records are damaged")
-        if not isinstance(meta["elapsed_s"], (int, float)) or not math.isfinite(meta["elapsed_s"]):
-            raise checkpoint.CheckpointError("checkpoint elapsed time is damaged")
-
-    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.current.load_state_dict(part("model/"))
-        stage1 = part("stage1/")
-        if stage1:
-            self.stage1_point = copy.deepcopy(self.current)
-            self.stage1_point.load_state_dict(stage1)
-        self.middle = tensors.get("middle")
-        torch.set_rng_state(tensors["rng/torch"])
-        self.loop = LoopState(**join_state(tensors, meta["loop"])) if "loop" in meta else None
-        self.round, self.step = meta["round"], meta["step"]
-        self.pending, self.result.history = meta["pending"], meta["history"]
-        self.result.perms = [{g: np.asarray(p, dtype=np.int64) for g, p in ps.items()} for ps in meta["perms_used"]]
+            restored = RunState.from_checkpoint(tensors, meta, self.config.rounds, dict(self.spec.groups))
+            self.current.load_state_dict(restored.model)
+            if restored.stage1 is not None:
+                self.stage1_point = copy.deepcopy(self.current)
+                self.stage1_point.load_state_dict(restored.stage1)
+        except (checkpoint.CheckpointError, RuntimeError) as error:
+            raise checkpoint.CheckpointError(f"the checkpoint in {self.checkpoint_dir} cannot be resumed: "
+                                             f"{error}") from None
+        torch.set_rng_state(restored.rng)
+        self.state = restored.state
+        self.result.history, self.result.perms = self.state.history, self.state.perms
         self.result.resumed_from = str(self.checkpoint_dir)
-        self.started -= meta["elapsed_s"]
+        self.started -= restored.elapsed_s
 
 
 def _require_finite(model: nn.Module, what: str) -> None:
