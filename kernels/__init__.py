@@ -7,7 +7,8 @@ CUDA tensors run fused Triton kernels, CPU tensors the torch twins; ``TSC_FAST_K
 forces a side (Triton on CPU tensors needs ``TRITON_INTERPRET=1``). Triton is imported only when a kernel runs.
 """
 from ._dispatch import BACKEND_ENV, resolve_backend, triton_installed
-from .bezier import bezier_coefficients, bezier_point, bezier_point_torch
+from ._math import bezier_coefficients
+from .bezier import bezier_point, bezier_point_torch
 from .correlation import CorrelationAccumulator, batch_sums_torch
 
 __all__ = [

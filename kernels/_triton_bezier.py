@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting
-from .bezier import bezier_coefficients
+from ._math import bezier_coefficients
 
 # Large blocks: streaming kernels want many bytes in flight per program, and the interpreter wants few programs.
 GPU_BLOCK = 2048

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting
+from ._math import PRECISIONS
 
-PRECISIONS = ("ieee", "tf32", "tf32x3")
 # One config in the interpreter (autotuning several fails there); large tiles keep the program count low.
 INTERPRETER_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128}
 NOMINAL_TILE = 128  # tile edge used to size the row split, independent of the config autotuning picks

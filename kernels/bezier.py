@@ -10,12 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-
-
-def bezier_coefficients(t: float) -> tuple[float, float, float]:
-    """Bernstein weights of the quadratic curve at t: (1-t)^2, 2t(1-t), t^2."""
-    t = float(t)
-    return (1.0 - t) ** 2, 2.0 * t * (1.0 - t), t * t
+from ._math import bezier_coefficients
 
 
 def _check_buffers(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> None:
@@ -69,7 +64,7 @@ def bezier_point(
         return _bezier_point_into(a, m, b, t, out, use_triton)
     if not use_triton:
         return bezier_point_torch(a, m, b, t)
-    from . import _bezier_ops
+    from . import _bezier_ops  # registers the custom ops on first use of the Triton path
 
     return _bezier_ops.bezier_point_op(a, m, b, t)
 
@@ -85,7 +80,7 @@ def _bezier_point_into(
             f" got shape {tuple(out.shape)}, {out.dtype}, {out.device}"
         )
     if use_triton:
-        from . import _triton_bezier
+        from . import _triton_bezier  # imports triton: only when a kernel runs
 
         _triton_bezier.combine(a, m, b, t, out)
         return out

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
+from ._math import PRECISIONS
 
-PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input precisions the Triton kernel accepts
 _SUM_KEYS = ("sum_x", "sum_xx", "sum_y", "sum_yy", "sum_xy")
 
 
