@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tsc_fast.models import MLP, DigitsCNN
 from tsc_fast.batches import random_translate
-from tsc_fast.curve import BezierCurve, ParamLayout, finetune, recalibrate_bn, train_curve
+from tsc_fast.curve import BezierCurve, ParamLayout, finetune_model, recalibrate_bn, train_curve
 
 
 def _pair(cls=MLP, seed=0):
@@ -106,7 +106,7 @@ def test_finetune_changes_weights_and_returns_losses():
     a, _ = _pair(DigitsCNN)
     before = copy.deepcopy(a.state_dict())
     x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    losses = finetune(a, DataLoader(TensorDataset(x, y), batch_size=8), epochs=2, lr=0.01, progress=False)
+    losses = finetune_model(a, DataLoader(TensorDataset(x, y), batch_size=8), epochs=2, lr=0.01, progress=False)
     assert len(losses) == 2
     assert not torch.equal(before["conv1.weight"], a.conv1.weight)
 

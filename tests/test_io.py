@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from tsc_fast.models import DigitsCNN
-from tsc_fast.model_io import CheckpointError, load_into, load_state_dict, save_model
+from tsc_fast.model_io import WeightsFileError, load_into, load_state_dict, save_model
 
 
 def trained_looking_cnn(seed: int = 0) -> DigitsCNN:
@@ -90,7 +90,7 @@ def test_invalid_files_raise_value_error(tmp_path, name, content):
 def test_non_tensor_entries_are_rejected(tmp_path):
     path = tmp_path / "mixed.pt"
     torch.save({"weight": torch.zeros(2), "note": "hello"}, path)
-    with pytest.raises(CheckpointError, match="note"):
+    with pytest.raises(WeightsFileError, match="note"):
         load_state_dict(path)
 
 

@@ -51,6 +51,11 @@ def batch_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+def image_size_of(x: Any) -> int | None:
+    """The side of an (N, C, H, W) image batch (its width), None for anything else."""
+    return int(x.shape[-1]) if torch.is_tensor(x) and x.dim() == 4 else None
+
+
 def default_shift(image_size: int) -> int:
     """Translation in pixels equivalent to the official RandomCrop(32, padding=4), scaled to the image size."""
     return max(1, round(image_size * 4 / 32))

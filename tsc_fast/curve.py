@@ -143,7 +143,7 @@ def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss
                         compute=compute)
 
 
-def finetune(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
+def finetune_model(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,
              lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4,
              augment: BatchAugment = BatchAugment(), seed: int = 0, device="cpu", desc: str = "fine-tune",
              progress: bool = True, resume: LoopState | None = None,

@@ -115,7 +115,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = DEFAULT_TEM
 
 def contrastive_loss_fn(temperature: float = DEFAULT_TEMPERATURE, augmentation: Augmentation = Augmentation(),
                         seed: int = 0) -> Callable[[Callable[[torch.Tensor], torch.Tensor], Any], torch.Tensor]:
-    """A ``loss_fn(model, batch)`` for purify / train_curve / finetune: NT-Xent of two augmented views of
+    """A ``loss_fn(model, batch)`` for purify / train_curve / finetune_model: NT-Xent of two augmented views of
     ``batch[0]`` (or of ``batch`` when it is a tensor). No label is read. Views draw from a generator seeded once."""
     generator = torch.Generator().manual_seed(seed)
 

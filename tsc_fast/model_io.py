@@ -25,7 +25,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
-class CheckpointError(ValueError):
+class WeightsFileError(ValueError):
     """The file exists but is not a usable checkpoint (corrupt, unsafe or not a state dict)."""
 
 
@@ -67,7 +67,7 @@ def _read_safetensors(path: Path) -> StateDict:
     try:
         return load_file(str(path), device="cpu")
     except Exception as error:  # SafetensorError, or whatever a corrupt header makes the parser raise
-        raise CheckpointError(f"{path} is not a valid safetensors checkpoint: {error}") from error
+        raise WeightsFileError(f"{path} is not a valid safetensors checkpoint: {error}") from error
 
 
 def _refusal_reason(error: Exception) -> str:
@@ -81,13 +81,13 @@ def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
+        raise WeightsFileError(
             f"{path} was refused: it is not a plain tensor checkpoint ({_refusal_reason(error)}); tsc_fast never "
             "unpickles arbitrary code: convert it to safetensors or a plain state dict (a model saved whole with "
             "torch.save(model): re-save it as torch.save(model.state_dict(), path) where you trust the file)"
         ) from error
     except Exception as error:  # a corrupt file can fail anywhere in torch's parser
-        raise CheckpointError(
+        raise WeightsFileError(
             f"{path} is not a valid checkpoint ({type(error).__name__}: {error})"
         ) from error
 
@@ -101,10 +101,10 @@ def unwrap_state_dict(checkpoint: object, source: str = "checkpoint") -> StateDi
             break
         checkpoint = nested
     if not isinstance(checkpoint, Mapping) or not checkpoint:
-        raise CheckpointError(f"{source} does not contain a state dict (got {type(checkpoint).__name__})")
+        raise WeightsFileError(f"{source} does not contain a state dict (got {type(checkpoint).__name__})")
     not_tensors = [str(k) for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}")
+        raise WeightsFileError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}")
     state = {str(k): v for k, v in checkpoint.items()}
     for prefix in WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in state):
@@ -115,16 +115,16 @@ def unwrap_state_dict(checkpoint: object, source: str = "checkpoint") -> StateDi
 def load_state_dict(path: PathLike) -> StateDict:
     """Read the weights of a checkpoint file (safetensors, or a torch file loaded with ``weights_only=True``).
 
-    Raises FileNotFoundError for a missing file and :class:`CheckpointError` (a ValueError) for a file that is
+    Raises FileNotFoundError for a missing file and :class:`WeightsFileError` (a ValueError) for a file that is
     not a valid, safe checkpoint.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint path is not a file: {path}")
+        raise WeightsFileError(f"checkpoint path is not a file: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint file is empty: {path}")
+        raise WeightsFileError(f"checkpoint file is empty: {path}")
     if path.suffix == SAFETENSORS_SUFFIX or _looks_like_safetensors(path):
         return _read_safetensors(path)
     return unwrap_state_dict(_read_torch(path), source=str(path))

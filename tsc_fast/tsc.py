@@ -22,10 +22,10 @@ from . import inputs
 from . import validate as v
 from . import distributed as ddp
 from .align import realign, unalign
-from .batches import (AugmentedBatches, BatchAugment, batch_inputs, dataset_size, default_shift, make_loader,
-                      steps_per_epoch)
+from .batches import (AugmentedBatches, BatchAugment, batch_inputs, dataset_size, default_shift, image_size_of,
+                      make_loader, steps_per_epoch)
 from .checkpoint import tensor_digest
-from .curve import BezierCurve, LossFn, finetune, recalibrate_bn, train_curve
+from .curve import BezierCurve, LossFn, finetune_model, recalibrate_bn, train_curve
 from .spec import TAP_POINTS, PermutationSpec, discover, permute
 from .stats import OBJECTIVES
 from .module_tools import model_device
@@ -204,10 +204,6 @@ class TSCResult:
         return write_report(self.report(before, after, **context), out_dir, plot=plot)
 
 
-def _image_size(x: Any) -> int | None:
-    return int(x.shape[-1]) if torch.is_tensor(x) and x.dim() == 4 else None
-
-
 CurveCallback = Callable[[int, int, BezierCurve, Any], None]   # (round, stage, trained curve, stats batches)
 RESULT_NEUTRAL = ("progress", "device", "warn_below_steps")  # settings that do not change the result
 
@@ -259,7 +255,7 @@ class _Run:
         inputs.check_batch(model, first, example, self.device, loss_fn is None,
                            inputs.dataset_labels_if_cheap(clean_data))
         loader_batch = clean_data.batch_size if isinstance(clean_data, DataLoader) else None
-        self.plan = config.plan(num_examples, _image_size(example), loader_batch)
+        self.plan = config.plan(num_examples, image_size_of(example), loader_batch)
         if self.plan.curve_steps < config.warn_below_steps and ddp.is_main():
             warnings.warn(f"each curve gets only {self.plan.curve_steps} optimiser steps ({self.plan.curve_epochs} "
                           f"epochs of {self.plan.curve_steps // self.plan.curve_epochs} steps); curves that short "
@@ -387,7 +383,7 @@ class _Run:
             self._save(interim=True)
 
         record = state.history[-1]
-        record["finetune_losses"] = finetune(
+        record["finetune_losses"] = finetune_model(
             self.current, self.train_batches, c.finetune_epochs, loss_fn=self.loss_fn, lr=c.finetune_lr,
             momentum=c.momentum, weight_decay=c.weight_decay, augment=self.plan.augment,
             seed=c.seed + 1000 * r + 3, device=self.device, desc=f"round {r + 1} fine-tune",

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from ..run_report import write_json_atomically
 
 DEFAULT_OUT = "tsc_fast_out"
 
@@ -37,8 +38,7 @@ def _add_tsc_options(parser: argparse.ArgumentParser) -> None:
 
 def _write_json(path: Path | None, report: dict) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str))
+        write_json_atomically(path, report)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
+    except (FileNotFoundError, ValueError) as err:  # our error classes (CheckpointError, SettingError, ...) are ValueErrors
         print(f"tsc-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .suite import make_victim, parse_names
+from ..run_report import write_json_atomically
 from ..tsc import TSCConfig, purify
 
 
@@ -127,7 +128,6 @@ def write_ablation_reports(rows: list[dict[str, Any]], baseline: dict[str, float
                            out_dir: Path) -> dict[str, str]:
     """ablation.md, ablation.csv, ablation.json and one PNG per sweep (``ablation_<sweep>.png``)."""
     from . import reports
-    from .suite import save_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {"csv": reports.write_csv(rows, out_dir / "ablation.csv")}
@@ -141,5 +141,5 @@ def write_ablation_reports(rows: list[dict[str, Any]], baseline: dict[str, float
             files[f"plot_{sweep}"] = reports.plot_sweep([r for r in rows if r["sweep"] == sweep], sweep,
                                                         out_dir / f"ablation_{sweep}.png", baseline)
     files["json"] = out_dir / "ablation.json"
-    save_json(files["json"], {"config": dataclasses.asdict(config), "baseline": baseline, "rows": rows})
+    write_json_atomically(files["json"], {"config": dataclasses.asdict(config), "baseline": baseline, "rows": rows})
     return {k: str(v) for k, v in files.items()}

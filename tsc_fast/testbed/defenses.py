@@ -35,9 +35,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..module_tools import model_device
-from ..batches import batch_inputs, dataset_size, make_loader
-from ..curve import BezierCurve, LossFn, cross_entropy_loss, finetune, recalibrate_bn, train_curve
-from ..tsc import OFFICIAL_CURVE_STEPS, RunPlan, TSCConfig, purify
+from ..batches import BatchAugment, batch_inputs, dataset_size, image_size_of, make_loader
+from ..curve import BezierCurve, LossFn, cross_entropy_loss, finetune_model, recalibrate_bn, train_curve
+from ..tsc import OFFICIAL_CURVE_STEPS, TSCConfig, purify
 
 CleanData = Union[Dataset, DataLoader]
 
@@ -130,26 +130,39 @@ class FSTConfig:
 # shared pieces
 
 
-def _image_size(clean_data: CleanData) -> int | None:
-    first = batch_inputs(next(iter(make_loader(clean_data, 2, shuffle=False))))
-    return int(first.shape[-1]) if torch.is_tensor(first) and first.dim() == 4 else None
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training phase of a baseline: batch size, epochs, optimiser steps and augmentation."""
+
+    batch_size: int
+    epochs: int
+    steps: int
+    augment_shift: int
+    augment_flip: bool = False
+
+    @property
+    def augment(self) -> BatchAugment:
+        return BatchAugment(self.augment_shift, self.augment_flip)
 
 
 def training_plan(clean_data: CleanData, steps: int | None, epochs: int | None, batch_size: int | None,
-                  augment_shift: int | None) -> RunPlan:
+                  augment_shift: int | None) -> TrainingPlan:
     """Batch size, epochs, steps and shift of one training phase, planned exactly as TSC plans its curves."""
     if steps is None and epochs is None:
         raise ValueError("set steps or epochs")
     if (steps is not None and steps <= 0) or (epochs is not None and epochs <= 0):
         raise ValueError(f"steps and epochs must be positive, got steps={steps}, epochs={epochs}")
     loader_batch = clean_data.batch_size if isinstance(clean_data, DataLoader) else None
+    first = batch_inputs(next(iter(make_loader(clean_data, 2, shuffle=False))))
     settings = TSCConfig(curve_steps=steps, curve_epochs=epochs, batch_size=batch_size, augment_shift=augment_shift)
-    return settings.plan(dataset_size(clean_data), _image_size(clean_data), loader_batch)
+    curve = settings.plan(dataset_size(clean_data), image_size_of(first), loader_batch)
+    return TrainingPlan(curve.batch_size, curve.curve_epochs, curve.curve_steps, curve.augment_shift,
+                        curve.augment_flip)
 
 
-def _budget(plan: RunPlan, examples: int, seconds: float, **extra: Any) -> dict[str, Any]:
-    return {"seconds": seconds, "steps": plan.curve_steps, "epochs": plan.curve_epochs,
-            "batch_size": plan.batch_size, "examples": examples, **extra}
+def _budget(plan: TrainingPlan, examples: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"seconds": seconds, "steps": plan.steps, "epochs": plan.epochs, "batch_size": plan.batch_size,
+            "examples": examples, **extra}
 
 
 def _fresh_copy(model: nn.Module, device: torch.device) -> nn.Module:
@@ -160,7 +173,7 @@ def _fresh_copy(model: nn.Module, device: torch.device) -> nn.Module:
 # FT
 
 
-def fine_tune(model: nn.Module, clean_data: CleanData, config: FTConfig | None = None,
+def fine_tuning_defense(model: nn.Module, clean_data: CleanData, config: FTConfig | None = None,
               loss_fn: LossFn | None = None) -> DefenseResult:
     """Fine-tune a copy of ``model`` on ``clean_data`` (all parameters, SGD with cosine schedule)."""
     config = config or FTConfig()
@@ -169,9 +182,9 @@ def fine_tune(model: nn.Module, clean_data: CleanData, config: FTConfig | None =
     plan = training_plan(clean_data, config.steps, config.epochs, config.batch_size, config.augment_shift)
     tuned = _fresh_copy(model, device)
     batches = make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed)
-    losses = finetune(tuned, batches, plan.curve_epochs, loss_fn=loss_fn, lr=config.lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, augment=plan.augment, seed=config.seed,
-                      device=device, desc="FT", progress=config.progress)
+    losses = finetune_model(tuned, batches, plan.epochs, loss_fn=loss_fn, lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay, augment=plan.augment, seed=config.seed,
+                            device=device, desc="FT", progress=config.progress)
     seconds = time.perf_counter() - started
     return DefenseResult(tuned.eval(), seconds, _budget(plan, dataset_size(clean_data), seconds),
                          {"losses": losses, "plan": dataclasses.asdict(plan)}, name="ft")
@@ -190,7 +203,7 @@ def train_mcr_curve(model: nn.Module, clean_data: CleanData, config: MCRConfig |
     config = config or MCRConfig()
     device = model_device(model, config.device)
     t0 = time.perf_counter()
-    endpoint = fine_tune(model, clean_data, FTConfig(steps=config.finetune_steps, batch_size=config.batch_size,
+    endpoint = fine_tuning_defense(model, clean_data, FTConfig(steps=config.finetune_steps, batch_size=config.batch_size,
                                                      lr=config.finetune_lr, momentum=config.momentum,
                                                      weight_decay=config.weight_decay,
                                                      augment_shift=config.augment_shift, seed=config.seed,
@@ -200,7 +213,7 @@ def train_mcr_curve(model: nn.Module, clean_data: CleanData, config: MCRConfig |
     start = _fresh_copy(model, device)
     curve = BezierCurve(start, endpoint.model).to(device)
     curve_losses = train_curve(curve, make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed + 1),
-                               plan.curve_epochs, loss_fn=loss_fn, lr=config.lr, momentum=config.momentum,
+                               plan.epochs, loss_fn=loss_fn, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, l2_coeff=config.l2_coeff,
                                augment=plan.augment, seed=config.seed + 1, device=device,
                                desc="MCR curve", progress=config.progress)
@@ -226,11 +239,11 @@ def mode_connectivity_repair(model: nn.Module, clean_data: CleanData, config: MC
     endpoint: DefenseResult = record.pop("endpoint")
     record["seconds"]["bn"] = time.perf_counter() - t_bn
     curve_plan = record["curve_plan"]
-    budget = {"seconds": seconds, "steps": endpoint.budget["steps"] + curve_plan["curve_steps"],
-              "epochs": endpoint.budget["epochs"] + curve_plan["curve_epochs"],
+    budget = {"seconds": seconds, "steps": endpoint.budget["steps"] + curve_plan["steps"],
+              "epochs": endpoint.budget["epochs"] + curve_plan["epochs"],
               "batch_size": curve_plan["batch_size"], "examples": dataset_size(clean_data),
-              "phases": {"finetune": endpoint.budget, "curve": {"steps": curve_plan["curve_steps"],
-                                                                "epochs": curve_plan["curve_epochs"],
+              "phases": {"finetune": endpoint.budget, "curve": {"steps": curve_plan["steps"],
+                                                                "epochs": curve_plan["epochs"],
                                                                 "seconds": record["seconds"]["curve"]}}}
     history = {"t": config.t, "finetune_losses": endpoint.history["losses"], **record}
     return DefenseResult(point.eval(), seconds, budget, history, name="mcr")
@@ -297,10 +310,10 @@ def feature_shift_tuning(model: nn.Module, clean_data: CleanData, config: FSTCon
         return task_loss(model, batch) + config.alpha * alignment
 
     # the plain fine-tuning loop with FST's loss (so it also runs data-parallel, like FT)
-    losses = finetune(tuned, make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed),
-                      plan.curve_epochs, loss_fn=fst_loss, lr=config.lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, augment=plan.augment, seed=config.seed,
-                      device=device, desc="FST", progress=config.progress)
+    losses = finetune_model(tuned, make_loader(clean_data, plan.batch_size, shuffle=True, seed=config.seed),
+                            plan.epochs, loss_fn=fst_loss, lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay, augment=plan.augment, seed=config.seed,
+                            device=device, desc="FST", progress=config.progress)
     project_head()
     cosines.append(head_cosine(head.weight, original))
     seconds = time.perf_counter() - started
@@ -348,7 +361,7 @@ class DefenseEntry:
 DEFENSES: dict[str, DefenseEntry] = {
     "tsc": DefenseEntry(tsc_defense, TSCConfig, lambda: TSCConfig(progress=False),
                         "TSC: permutation un-/re-alignment and Bezier curves (tsc_fast.purify)"),
-    "ft": DefenseEntry(fine_tune, FTConfig, FTConfig, "plain fine-tuning on the clean set"),
+    "ft": DefenseEntry(fine_tuning_defense, FTConfig, FTConfig, "plain fine-tuning on the clean set"),
     "mcr": DefenseEntry(mode_connectivity_repair, MCRConfig, MCRConfig,
                         "mode connectivity repair (Zhao et al. 2020)"),
     "fst": DefenseEntry(feature_shift_tuning, FSTConfig, FSTConfig, "feature shift tuning (Min et al. 2023)"),

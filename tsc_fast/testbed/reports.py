@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..run_report import write_json_atomically
 from ..figures import plot_landscape, pyplot, save_figure
 
 METRICS = ("acc", "asr", "ra")
@@ -219,7 +220,6 @@ def plot_sweep(rows: Sequence[dict[str, Any]], sweep: str, path: str | Path,
 
 def write_suite_reports(result, out_dir: Path) -> dict[str, str]:
     """table.md, runs.csv, suite.json and (when ``result.config.plots``) the PNG plots; returns name -> path."""
-    from .suite import save_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = result.config
@@ -238,7 +238,7 @@ def write_suite_reports(result, out_dir: Path) -> dict[str, str]:
         if result.landscape is not None:
             files["landscape"] = plot_landscape(result.landscape, out_dir / "landscape.png")
     files["json"] = out_dir / "suite.json"
-    save_json(files["json"], {"config": config.to_dict(), "rows": result.rows, "landscape": result.landscape,
+    write_json_atomically(files["json"], {"config": config.to_dict(), "rows": result.rows, "landscape": result.landscape,
                               "seconds": result.seconds})
     return {k: str(v) for k, v in files.items()}
 

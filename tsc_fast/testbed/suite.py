@@ -265,8 +265,3 @@ def merge_suite_runs(folders: Sequence[str | Path], out_dir: str | Path) -> Suit
     result = SuiteResult(rows, landscape, config, seconds=sum(p["seconds"] for p in payloads))
     result.files = reports.write_suite_reports(result, Path(out_dir))
     return result
-
-
-def save_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
