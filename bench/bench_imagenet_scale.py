@@ -62,7 +62,7 @@ def build_model(name: str, image_size: int):
 
 def synthetic_data(n: int, size: int, classes: int = 1000, seed: int = 0):
     """``n`` random 3 x size x size images with labels of ``classes`` classes (the scaling study's generator)."""
-    from tsc_fast.testbed.scaling import synthetic_data as random_dataset
+    from tsc_fast.testbed.scaling.zoo import synthetic_data as random_dataset
 
     return random_dataset((3, size, size), n, seed=seed, classes=classes)
 

@@ -245,7 +245,7 @@ def bezier_rows(device: torch.device, quick: bool, measure) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ curve step
 def digits_cnn() -> nn.Module:
-    """The calibration CNN (CALIBRATION.md): 1x8x8 inputs, a 32-channel residual stream, 64 channels, 10 classes."""
+    """The calibration CNN (docs/calibration.md): 1x8x8 inputs, a 32-channel residual stream, 64 channels, 10 classes."""
 
     class Net(nn.Module):
         def __init__(self):

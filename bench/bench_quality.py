@@ -3,7 +3,7 @@
     python bench/bench_quality.py                                   # badnets+blended, seeds 0-2, default+official
     python bench/bench_quality.py --attacks badnets --seeds 0 --configs default --clean-fraction 0.1
 
-Each run trains the victim (CALIBRATION.md recipe), draws the defender's clean subset (--clean-fraction of the
+Each run trains the victim (docs/calibration.md recipe), draws the defender's clean subset (--clean-fraction of the
 clean training set, seed = run seed), purifies, and evaluates on the fixed test split. Per-run rows are appended to
 bench/results/quality.csv; a summary (mean and standard deviation over seeds) is written to
 bench/results/quality.md and quality.json together with the command line that produced it.

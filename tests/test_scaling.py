@@ -1,5 +1,7 @@
 """The scaling study (``tsc-fast bench scaling``): power-law fits, the quick sweep's outputs, LAP agreement."""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,9 +10,13 @@ import torch
 from tsc_fast import assign
 from tsc_fast.cli import main
 from tsc_fast.figures import is_valid_png
-from tsc_fast.testbed.scaling import (COMPONENTS, ScalingConfig, SweepPoint, batches_of, build_model, cost_matrices,
-                              crossing, fit_power_law, measure_point, read_csv, solve_all, synthetic_data, timed)
 from tsc_fast.spec import discover
+from tsc_fast.testbed import scaling
+from tsc_fast.testbed.scaling.config import COMPONENTS, ScalingConfig
+from tsc_fast.testbed.scaling.fit import crossing, fit_power_law
+from tsc_fast.testbed.scaling.report import read_csv
+from tsc_fast.testbed.scaling.timing import cost_matrices, measure_point, solve_all, timed
+from tsc_fast.testbed.scaling.zoo import SweepPoint, batches_of, build_model, synthetic_data
 
 QUICK = ScalingConfig.quick_config()
 EXPECTED = {  # components of every width, per family (BatchNorm recalibration only where there is BatchNorm)
@@ -137,3 +143,17 @@ def test_caps_and_the_memory_guard_skip_components_with_a_note(one_thread):
     starved = ScalingConfig.quick_config(memory_fraction=0.0)
     rows = measure_point(SweepPoint("mlp", 32, 32), starved, log=lambda _: None)
     assert rows and all(r["seconds"] == "" and "needs" in r["note"] for r in rows)
+
+
+def test_the_package_exports_what_it_lists():
+    assert all(hasattr(scaling, name) for name in scaling.__all__)
+    assert scaling.synthetic_data is synthetic_data   # bench/bench_imagenet_scale.py's generator
+
+
+def test_importing_the_study_loads_no_optional_heavy_module():
+    """The CLI imports the package to build its parser: the optional extras torchvision and matplotlib stay
+    lazy (imported by the ViT builder and the plots only)."""
+    code = ("import sys, tsc_fast.testbed.scaling; "
+            "print(*[m for m in ('torchvision', 'matplotlib') if m in sys.modules])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == ""

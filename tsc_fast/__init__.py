@@ -12,4 +12,4 @@ from .tsc import TSCConfig, TSCResult, purify
 
 __all__ = ["assign", "discover", "check_invariance", "permute", "PermutationSpec", "purify", "TSCConfig",
            "TSCResult", "unalign", "realign"]
-__version__ = "0.1.0"
+from ._version import __version__ as __version__

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .models import ARCHITECTURES, build_classifier
+
 PACKAGE = "package"
 TORCHVISION = "torchvision"
 TIMM = "timm"
@@ -188,8 +190,6 @@ def _call_builder(label: str, builder: Callable[..., Any], kwargs: dict[str, Any
 # --- the package's own models ------------------------------------------------------------------------------------
 
 def _build_package(spec: ArchitectureSpec, num_classes: int | None, shape: tuple | None, seed: int) -> nn.Module:
-    from .models import ARCHITECTURES
-    from .models import build_classifier
 
     if spec.name not in ARCHITECTURES:
         raise ArchitectureError(

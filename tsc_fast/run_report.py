@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch.nn as nn
 
+from ._version import __version__
 from .curve import BezierCurve, recalibrate_bn
 from .figures import draw_landscape, pyplot, save_figure
 
@@ -71,8 +72,6 @@ def build_report(result, before: dict | None = None, after: dict | None = None, 
     ``before`` / ``after``: metrics in percent (``acc``, and ``asr``/``ra`` when known); ``context``: anything
     else worth keeping (the data's layout, the architecture, file paths, the landscape ...).
     """
-    from . import __version__
-
     stages = []
     for record in result.history:
         stages.append({"round": record["round"], "stage": record["stage"], "t": record["t"],

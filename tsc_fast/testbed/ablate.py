@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .suite import make_victim, parse_names
+from . import reports
 from ..run_report import write_json_atomically
 from ..tsc import TSCConfig, purify
 
@@ -127,8 +128,6 @@ def run_ablation(config: AblationConfig, out_dir: str | Path | None = None,
 def write_ablation_reports(rows: list[dict[str, Any]], baseline: dict[str, float], config: AblationConfig,
                            out_dir: Path) -> dict[str, str]:
     """ablation.md, ablation.csv, ablation.json and one PNG per sweep (``ablation_<sweep>.png``)."""
-    from . import reports
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {"csv": reports.write_csv(rows, out_dir / "ablation.csv")}
     header = (f"# TSC ablations on digits\n\nvictim: {config.attack}, rate {config.rate:g}, seeds "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +27,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..align import unalign
-from .attacks import Attack, build_attack, poison_dataset
-from ..data.embedded import load_digits_split
+from .attacks import Attack
 from ..data.splits import clean_subset
-from ..metrics import evaluate
-from ..models import build_classifier
 from .classifier import shuffled_batches
-from .victims import BackdoorSetup
+from .victims import BackdoorSetup, VictimTrainer, digits_victim
 from ..batches import make_loader
 from ..spec import discover
 
@@ -136,30 +132,31 @@ def train_adaptive_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return record
 
 
+def adaptive_training(adaptive: AdaptiveConfig | None = None) -> VictimTrainer:
+    """The adaptive routine as a :class:`~tsc_fast.testbed.victims.VictimTrainer`: the attacker's clean share of
+    the training set (``attacker_fraction``, seeded by ``seed + 7919``), then :func:`train_adaptive_classifier`.
+    Adds ``adaptive`` (the settings) and ``adaptive_record`` (the losses) to the setup's ``config``."""
+    adaptive = adaptive or AdaptiveConfig()
+
+    def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: Attack, x_train: torch.Tensor,
+              y_train: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int) -> dict[str, Any]:
+        attacker_clean = clean_subset((x_train, y_train), adaptive.attacker_fraction, seed=seed + 7919)[0]
+        record = train_adaptive_classifier(model, x, y, attack, attacker_clean, adaptive, epochs=epochs,
+                                           batch_size=batch_size, lr=lr, seed=seed)
+        return {"adaptive": dataclasses.asdict(adaptive), "adaptive_record": record}
+
+    return train
+
+
 def make_adaptive_backdoored_digits(attack: str = "badnets", rate: float = 0.1, target: int = 0, seed: int = 0,
                                     arch: str = "cnn", epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
                                     split_seed: int = 0, attack_options: dict[str, Any] | None = None,
                                     adaptive: AdaptiveConfig | None = None) -> BackdoorSetup:
-    """Like :func:`tsc_fast.testbed.victims.make_backdoored_digits`, with the adaptive training of this module.
+    """Like :func:`tsc_fast.testbed.victims.make_backdoored_digits`, with the adaptive training of this module
+    (the same pipeline, :func:`tsc_fast.testbed.victims.digits_victim`, with :func:`adaptive_training`).
 
-    The returned setup's ``config`` holds ``adaptive`` (the settings) and ``adaptive_record`` (the losses).
+    The returned setup's ``config`` names the victim ``adaptive_<attack>`` (``base_attack``: ``attack``) and holds
+    ``adaptive`` (the settings) and ``adaptive_record`` (the losses).
     """
-    adaptive = adaptive or AdaptiveConfig()
-    splits = load_digits_split(seed=split_seed)
-    x_train, y_train = splits.train_tensors()
-    x_test, y_test = splits.test_tensors()
-    trigger = build_attack(attack, splits.image_shape, target=target, **(attack_options or {}))
-    x_poisoned, y_poisoned, poisoned_index = poison_dataset(x_train, y_train, trigger, rate=rate, seed=seed)
-    attacker_clean = clean_subset((x_train, y_train), adaptive.attacker_fraction, seed=seed + 7919)[0]
-    model = build_classifier(arch, splits.image_shape, splits.num_classes, seed=seed)
-    start = time.perf_counter()
-    record = train_adaptive_classifier(model, x_poisoned, y_poisoned, trigger, attacker_clean, adaptive,
-                                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    train_seconds = time.perf_counter() - start
-    config = {"dataset": "digits", "attack": f"adaptive_{attack}", "base_attack": attack, "rate": rate,
-              "target": target, "seed": seed, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-              "split_seed": split_seed, "attack_options": dict(attack_options or {}),
-              "adaptive": dataclasses.asdict(adaptive), "adaptive_record": record}
-    return BackdoorSetup(model=model, attack=trigger, x_train=x_train, y_train=y_train, x_test=x_test,
-                         y_test=y_test, x_poisoned=x_poisoned, y_poisoned=y_poisoned, poisoned_index=poisoned_index,
-                         before=evaluate(model, x_test, y_test, trigger), train_seconds=train_seconds, config=config)
+    return digits_victim(attack, rate, target, seed, arch, epochs, batch_size, lr, split_seed, attack_options,
+                         train=adaptive_training(adaptive), name=f"adaptive_{attack}")

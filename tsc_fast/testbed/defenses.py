@@ -71,7 +71,7 @@ class FTConfig:
     steps: int | None = DEFAULT_STEPS
     epochs: int | None = None
     batch_size: int | None = None
-    lr: float = 0.01                       # the usual FT baseline rate (BackdoorBench, CALIBRATION.md)
+    lr: float = 0.01                       # the usual FT baseline rate (BackdoorBench; docs/calibration.md)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment_shift: int | None = None

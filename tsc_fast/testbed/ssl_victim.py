@@ -34,6 +34,8 @@ from ..data.embedded import load_digits_split
 from ..data.splits import clean_subset
 from ..module_tools import model_device
 from ..models import DigitsCNN
+from ..tsc import TSCConfig
+from .defenses import run_defense
 from ..losses import DEFAULT_TEMPERATURE, Augmentation, augment_views, contrastive_loss_fn, nt_xent
 
 
@@ -253,8 +255,6 @@ def run_ssl_experiment(seed: int = 0, clean_fraction: float = 0.05, tsc_config: 
     training set for every encoder. FT fine-tunes with the same NT-Xent loss at the same step budget as one TSC
     curve (the harness's default).
     """
-    from .defenses import run_defense   # late: defenses imports tsc, which needs the assignment module
-    from ..tsc import TSCConfig
 
     setup = setup or make_backdoored_encoder(seed=seed, epochs=pretrain_epochs, temperature=temperature)
     x_train, y_train = setup.train

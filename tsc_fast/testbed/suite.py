@@ -26,9 +26,11 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
+from .adaptive_attack import make_adaptive_backdoored_digits
 from .attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
 from ..metrics import loss_metrics
 from .victims import BackdoorSetup, make_backdoored_digits
+from . import reports
 from ..run_report import LandscapeRecorder
 from .defenses import DEFENSES, run_defense
 from ..tsc import TSCConfig, purify
@@ -141,8 +143,6 @@ def quick_defense_configs(steps: int = QUICK_STEPS) -> dict[str, Any]:
 def make_victim(attack: str, rate: float, seed: int, target: int = 0, epochs: int = 40) -> BackdoorSetup:
     """A backdoored digits CNN: the package attack with its digits options, or an adaptive variant."""
     if attack.startswith(ADAPTIVE_PREFIX):
-        from .adaptive_attack import make_adaptive_backdoored_digits
-
         base = attack[len(ADAPTIVE_PREFIX):]
         return make_adaptive_backdoored_digits(base, rate=rate, target=target, seed=seed, epochs=epochs,
                                                attack_options=DIGITS_ATTACK_OPTIONS.get(base, {}))
@@ -221,8 +221,6 @@ def run_victim(config: SuiteConfig, attack: str, rate: float, seed: int,
 def run_suite(config: SuiteConfig, out_dir: str | Path | None = None,
               log: Callable[[str], None] = lambda _: None) -> SuiteResult:
     """Run every (attack, rate, seed) victim against every defense; write the reports to ``out_dir`` if given."""
-    from . import reports
-
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     landscape = None
@@ -246,8 +244,6 @@ def run_suite(config: SuiteConfig, out_dir: str | Path | None = None,
 def merge_suite_runs(folders: Sequence[str | Path], out_dir: str | Path) -> SuiteResult:
     """One report from several suite runs (e.g. one process per poisoning rate run side by side): their rows
     joined, the first landscape kept, times added; writes the reports to ``out_dir``."""
-    from . import reports
-
     payloads = []
     for folder in folders:
         path = Path(folder) / "suite.json"
