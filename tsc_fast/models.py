@@ -31,7 +31,7 @@ class MLP(nn.Module):
 
 
 class DigitsCNN(nn.Module):
-    """Small residual CNN for 1x8x8 digits (the model of CALIBRATION.md).
+    """Small residual CNN for 1x8x8 digits (the model of docs/calibration.md).
 
     conv(1->w)+BN+ReLU; h + ReLU(BN(conv(w->w))); conv(w->2w, stride 2)+BN+ReLU; global average pool; linear.
     Two permutation groups: the w-channel stream and the 2w channels of conv3.

@@ -42,7 +42,7 @@ def adaptive_batch_size(num_examples: int) -> int:
     """Curve/fine-tune batch size for a clean set of this size.
 
     The official 256 when the set is large; for small sets, a power of two leaving at least about five optimiser
-    steps per epoch, never below 16 (CALIBRATION.md: with fewer images than one batch an epoch is a single step
+    steps per epoch, never below 16 (docs/calibration.md: with fewer images than one batch an epoch is a single step
     and the curve barely leaves the straight line; batch 16 fixed it on digits), and never above the set size.
     """
     size = 2 ** max(0, math.floor(math.log2(max(num_examples / 5, 1))))
@@ -259,7 +259,7 @@ class _Run:
         if self.plan.curve_steps < config.warn_below_steps and ddp.is_main():
             warnings.warn(f"each curve gets only {self.plan.curve_steps} optimiser steps ({self.plan.curve_epochs} "
                           f"epochs of {self.plan.curve_steps // self.plan.curve_epochs} steps); curves that short "
-                          f"barely bend and may leave the backdoor in place (CALIBRATION.md). Raise curve_steps "
+                          f"barely bend and may leave the backdoor in place. Raise curve_steps "
                           f"or lower batch_size.", stacklevel=3)
         self.train_batches = make_loader(clean_data, self.plan.batch_size, shuffle=True, seed=config.seed)
         self.clean_data = clean_data

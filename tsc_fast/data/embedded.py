@@ -26,7 +26,7 @@ def load_digits_split(seed: int = 0, test_size: int = DIGITS_TEST_SIZE,
                       image_size: Optional[int] = None) -> DatasetSplits:
     """The scikit-learn digits as 1x8x8 images in [0, 1] (pixel / 16), stratified train/test split.
 
-    ``seed`` is the split's ``random_state`` (0 gives the 1437/360 split of CALIBRATION.md).
+    ``seed`` is the split's ``random_state`` (0 gives the 1437/360 split of docs/calibration.md).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
