@@ -188,12 +188,13 @@ def test_cli_resume_errors_are_clear(tmp_path, capsys):
 @pytest.mark.parametrize("spelling", [["--model", "v.safetensors"], ["--model=v.safetensors"],
                                       ["--mod", "v.safetensors"]])
 def test_run_arguments_are_stored_with_absolute_paths_however_spelled(tmp_path, monkeypatch, spelling):
-    from tsc_fast.cli import _canonical_purify_argv, build_parser
+    from tsc_fast.cli import build_parser
+    from tsc_fast.cli.purify import canonical_argv
     from tsc_fast.run_folder import load_run_arguments, save_run_arguments
 
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["purify", *spelling, "--arch", "cnn", "--out", "out", "--rounds", "2"])
-    save_run_arguments(Path("out"), _canonical_purify_argv(args), Path.cwd())
+    save_run_arguments(Path("out"), canonical_argv(args), Path.cwd())
     stored, cwd, folder = load_run_arguments(tmp_path / "out" / "checkpoints")
     assert stored == ["--model", str(tmp_path / "v.safetensors"), "--arch", "cnn", "--out", str(tmp_path / "out"),
                       "--rounds", "2"]

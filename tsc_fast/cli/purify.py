@@ -6,6 +6,8 @@ output folder is touched.
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,10 @@ from ..metrics import accuracy, evaluate, loss_metrics, predict
 from ..model_io import load_into, save_model
 from ..run_folder import PURIFIED_FILE
 from ..run_report import LandscapeRecorder
+from ..run_folder import (check_output_folder, check_writable_file, clear_outputs, load_run_arguments,
+                          save_run_arguments)
 from ..tsc import TSCConfig, purify
+from .options import add_run_options, add_tsc_options, config_from_args, write_json
 
 BENCHMARK_DATA = ("digits", "mnist", "cifar10", "gtsrb")  # training sets of which the defender holds a share
 DEFAULT_CLEAN_FRACTION = 0.05                             # of those; of a user's own folder or .npz: all of it
@@ -260,3 +265,155 @@ def _summary(before: Metrics | None, after: Metrics | None, files: dict[str, str
               "report_json": "report", "report_png": "report figure"}
     lines += [f"{labels.get(kind, kind)}: {path}" for kind, path in files.items()]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def add_purify_command(commands) -> None:
+    purify = commands.add_parser("purify", help="purify a checkpoint with clean data, or a BackdoorBench record "
+                                 "(resumable)")
+    model = purify.add_argument_group("model")
+    model.add_argument("--model", type=Path, help="checkpoint (.safetensors, or a torch file loaded with "
+                       "weights_only=True; state_dict/model wrappers and module. prefixes handled)")
+    model.add_argument("--arch", help="architecture: mlp, cnn, preact_resnet18; torchvision:NAME (resnet18, "
+                       "vgg16_bn, vit_b_16, ...); timm:NAME; or MODULE:CALLABLE, your own class or factory "
+                       "imported from the working directory or PYTHONPATH (called with num_classes=)")
+    model.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in "
+                       "the data)")
+    model.add_argument("--normalize", metavar="MEAN,STD", help="input normalisation in front of the network "
+                       "while purifying (the saved weights stay the bare network's): MEAN,STD, m1,..,mC,s1,..,sC, "
+                       "or a dataset name (cifar10, imagenet, ...)")
+    data = purify.add_argument_group("data")
+    data.add_argument("--data", default="digits", help="digits, mnist, or a path: an image-folder tree "
+                      "(train/ [+ test/ or val/] of class folders, or class folders directly), a CIFAR-10 "
+                      "python-batches folder, a GTSRB folder, or an .npz with x and y [, x_test, y_test]")
+    data.add_argument("--image-size", type=int, help="resize images to N x N")
+    data.add_argument("--clean-count", type=int, help="number of clean training examples TSC uses (instead of "
+                      "--clean-fraction)")
+    data.add_argument("--attack", help="if the trigger is one of the package's attacks (badnets, blended, ...): "
+                      "also report ASR and RA on the test data")
+    data.add_argument("--trigger", type=Path, metavar="PNG", help="your own patch trigger's pattern (with --mask): "
+                      "also report ASR and RA")
+    data.add_argument("--mask", type=Path, metavar="PNG", help="where --trigger applies (white: trigger)")
+    data.add_argument("--target", type=int, default=0, help="the attack's target class (default 0)")
+    bench = purify.add_argument_group("BackdoorBench")
+    bench.add_argument("--backdoorbench", type=Path, metavar="RECORD_DIR", help="purify a BackdoorBench attack "
+                       "record (its attack_result.pt); writes a BackdoorBench-style defense_result.pt too")
+    bench.add_argument("--data-dir", type=Path, metavar="DATA_ROOT", help="where the record's clean dataset lies "
+                       "(default: the record's data_path)")
+    purify.add_argument("--out", type=Path, help="output folder (purified model, report.json/png, run.json, "
+                        "checkpoints/); with --backdoorbench default RECORD_DIR/defense/tsc_fast")
+    purify.add_argument("--landscape", action="store_true", help="also record the loss landscape along the last "
+                        "round's curves (in the report; needs test data)")
+    purify.add_argument("--resume", type=Path, metavar="OUT", help="continue the interrupted run whose output "
+                        "folder is OUT, with that run's arguments; the result equals an uninterrupted run's")
+    purify.add_argument("--checkpoint-interval", type=float, default=300.0, metavar="SECONDS",
+                        help="inside a curve or fine-tune, checkpoint after the epoch in which this much time has "
+                        "passed (default 300; a checkpoint follows every stage regardless)")
+    purify.add_argument("--no-checkpoints", action="store_true", help="write no checkpoints (cannot resume)")
+    purify.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out "
+                        "(without it, a non-empty --out is refused)")
+    add_tsc_options(purify)
+    add_run_options(purify)
+    purify.set_defaults(run=run_purify_command, command_parser=purify)
+
+
+def run_purify_command(args: argparse.Namespace) -> int:
+    """``tsc-fast purify``: every input read and checked before the output folder is touched."""
+    if args.resume is not None:
+        if args.overwrite:
+            raise ValueError("--resume continues a run in its folder; --overwrite would delete it: choose one")
+        args = _resumed_arguments(args)
+    elif args.out is not None:
+        args.out = check_output_folder(args.out, _input_files(args), args.overwrite)
+    check_writable_file(args.json, "--json")
+    config = config_from_args(args)  # settings checked before any input is read
+    if args.backdoorbench is None:
+        missing = [f"--{name}" for name in ("model", "arch", "out") if getattr(args, name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required (or --backdoorbench RECORD_DIR, or --resume OUT of an "
+                             f"interrupted run)")
+        job = prepare_checkpoint_job(
+            args.model, args.arch, args.data, num_classes=args.num_classes, image_size=args.image_size,
+            normalize=args.normalize, clean_fraction=args.clean_fraction, clean_count=args.clean_count,
+            attack=args.attack, target=args.target, trigger_png=args.trigger, mask_png=args.mask, seed=args.seed)
+    else:
+        job = prepare_backdoorbench_job(args.backdoorbench, data_dir=args.data_dir,
+                                        clean_fraction=args.clean_fraction, clean_count=args.clean_count,
+                                        seed=args.seed)
+        default_out = job.info.pop("default_out")
+        if args.out is None:
+            args.out = check_output_folder(default_out, _input_files(args), args.overwrite)
+        config = config_from_args(args, dataset=job.info["dataset"])
+    # every input is read and checked: only now is the output folder touched
+    distributed.init_from_environment()  # under torchrun: join the process group
+    checkpoints = None if args.no_checkpoints else args.out / "checkpoints"
+    if args.resume is None and distributed.is_main():
+        if args.overwrite:
+            clear_outputs(args.out)
+        save_run_arguments(args.out, canonical_argv(args), Path.cwd())
+    report = run_job(job, args.out, config=config, checkpoint_dir=checkpoints, resume=args.resume is not None,
+                     checkpoint_interval_s=args.checkpoint_interval, landscape=args.landscape)
+    if distributed.is_main():
+        print(report.pop("text"))
+        write_json(args.json, report)
+    return 0
+
+
+def _input_files(args: argparse.Namespace) -> list[Path | None]:
+    """The files a purify run reads (none may be one of its outputs)."""
+    data = Path(args.data) if args.data and Path(args.data).exists() else None
+    record = args.backdoorbench / "attack_result.pt" if args.backdoorbench is not None else None
+    return [args.model, args.trigger, args.mask, data, record]
+
+
+# arguments a resumed run takes from its own call, not from run.json
+_NOT_STORED = ("help", "resume", "json", "no_progress", "overwrite")
+
+
+def canonical_argv(args: argparse.Namespace) -> list[str]:
+    """The run's arguments as parsed (however they were spelled: --model=x, abbreviations), paths resolved:
+    what run.json stores, so a resume from any folder, of a moved folder, reads the same inputs."""
+    argv: list[str] = []
+    for action in args.command_parser._actions:
+        if not action.option_strings or action.dest in _NOT_STORED:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value is False or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, Path) or (action.dest == "data" and Path(value).exists()):
+            argv += [flag, str(Path(value).expanduser().resolve())]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The interrupted run's own arguments (from its run.json), in the folder where it now is (it may have moved),
+    plus this call's --json and --no-progress."""
+    stored, cwd, folder = load_run_arguments(args.resume)
+    extra = (["--no-progress"] if args.no_progress else []) + (["--json", str(args.json)] if args.json else [])
+    try:
+        resumed = args.command_parser.parse_args([*stored, *extra])
+    except SystemExit:
+        raise ValueError(f"the arguments stored in {folder / 'run.json'} do not parse; the run folder is "
+                         "damaged") from None
+    for name in ("model", "arch", "backdoorbench", "out"):
+        given, kept = getattr(args, name), getattr(resumed, name)
+        if name == "out":
+            kept = folder
+        if given is None:
+            continue
+        same = given == kept if name == "arch" else kept is not None and Path(given).resolve() == Path(kept).resolve()
+        if not same:
+            raise ValueError(f"--{name} {given} differs from the interrupted run's {kept}; --resume continues "
+                             f"that run with its own arguments")
+    if cwd.is_dir() and str(cwd) not in sys.path:  # a MODULE:CALLABLE architecture is imported from there
+        sys.path.insert(0, str(cwd))
+    resumed.out, resumed.resume, resumed.argv, resumed.command = folder, args.resume, stored, args.command
+    return resumed
