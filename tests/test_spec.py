@@ -433,3 +433,25 @@ def test_attention_heads_are_permuted_as_heads():
     # taps: q and k projections side by side along tokens (17 tokens each), v projection
     found, _ = collect(model, spec, x)
     assert found[f"{path}.qk"][0].shape == (2, 34, 16) and found[f"{path}.vo"][0].shape == (2, 17, 16)
+
+
+def test_handler_tables_look_up_by_type_along_the_mro_and_refuse_double_registration():
+    import torch.nn.functional as F
+
+    from tsc_fast.spec._analysis import CallTable, ModuleTable
+    from tsc_fast.spec._handlers import HANDLERS
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    conv_entry = HANDLERS.modules.lookup(nn.Conv2d(1, 2, 3))
+    assert conv_entry is not None and HANDLERS.modules.lookup(MyConv(1, 2, 3)).handler is conv_entry.handler
+    assert HANDLERS.modules.lookup(nn.Bilinear(2, 2, 2)) is None          # unknown: the analysis treats it as opaque
+    assert HANDLERS.functions.lookup(F.relu) is not None and HANDLERS.methods.lookup("view") is not None
+    table, calls = ModuleTable(), CallTable("function")
+    table.register(nn.ReLU)(lambda an, call: call.x)
+    with pytest.raises(ValueError, match="already has a handler"):
+        table.register(nn.ReLU)(lambda an, call: call.x)
+    calls.register(F.relu)(lambda an, call: None)
+    with pytest.raises(ValueError, match="already has a handler"):
+        calls.register(F.relu)(lambda an, call: None)

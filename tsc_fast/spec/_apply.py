@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._discover import _eval_mode
+from ..module_tools import eval_mode
 from ._ties import alias_sets, merge_aliases, tensor_aliases
 from ._types import AxisRef, InvarianceError, PermutationSpec
 
@@ -224,7 +224,7 @@ def check_invariance(model: nn.Module, spec: PermutationSpec, example_input, rto
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     worst = 0.0
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         reference = model(*inputs)
     for trial in range(trials):
         permuted = permute(model, spec, random_permutations(spec, seed + trial)).eval()

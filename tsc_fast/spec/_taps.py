@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._attention import qkv_attention_heads
-from ._discover import trace
+from ._tracing import trace
 from ._types import PermutationSpec
 
 TapCallback = Callable[[str, torch.Tensor, int], None]
