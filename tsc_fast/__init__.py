@@ -6,8 +6,8 @@
     result = tsc_fast.purify(model, clean_data)             # TSC; result.model, result.history
 """
 from . import assign
-from .spec import PermutationSpec, check_invariance, discover, permute
 from .align import realign, unalign
+from .spec import PermutationSpec, check_invariance, discover, permute
 from .tsc import TSCConfig, TSCResult, purify
 
 __all__ = ["assign", "discover", "check_invariance", "permute", "PermutationSpec", "purify", "TSCConfig",

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as from_bytes
+from safetensors.torch import save as to_bytes
 
 FORMAT = 1
 LATEST = "latest.json"
@@ -94,8 +97,6 @@ def _latest(directory: Path) -> dict[str, Any] | None:
 
 def save(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write one checkpoint (tensors + plain-data ``meta``) and make it the newest; returns its JSON path."""
-    from safetensors.torch import save as to_bytes
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     previous = _latest(directory)
@@ -128,9 +129,6 @@ def _prune(directory: Path, newest: int) -> None:
 
 def load(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The newest checkpoint's tensors and meta data; CheckpointError with the reason when it cannot be used."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as from_bytes
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint folder at {directory}")

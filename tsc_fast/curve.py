@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from . import distributed as ddp
 from .batches import BatchAugment, batch_inputs, to_device
 from .kernels.bezier import bezier_point
 from .module_tools import eval_mode
-from . import distributed as ddp
 from .training import ComputeOptions, LoopState, optimise
 
 LossFn = Callable[[Callable[[torch.Tensor], torch.Tensor], Any], torch.Tensor]

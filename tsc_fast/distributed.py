@@ -16,6 +16,7 @@ Outside an initialised process group every helper here is the identity, so the s
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -73,8 +74,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def init_from_environment() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR...) if there is one and none is
     initialised yet: nccl when CUDA is available, gloo otherwise. Returns whether a group is active."""
-    import os
-
     if dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .module_tools import model_device
 
@@ -90,8 +91,6 @@ def loss_metrics(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor,
                  target: int | torch.Tensor | None = None) -> dict[str, float]:
     """Clean cross-entropy and ACC of one model; with triggered images also the poisoned loss (against the target
     label: one class, or one label per image) and ASR: what a loss-landscape profile records at each point."""
-    import torch.nn.functional as F
-
     clean = logits(model, x_clean)
     result = {"clean_loss": float(F.cross_entropy(clean, y_clean.cpu())), "acc": accuracy(clean.argmax(1), y_clean)}
     if x_triggered is not None and len(x_triggered):

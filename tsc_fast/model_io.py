@@ -14,6 +14,7 @@ from typing import Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 PathLike = Union[str, os.PathLike]
 StateDict = dict[str, torch.Tensor]
@@ -35,8 +36,6 @@ def save_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLi
     Tensors are copied to contiguous CPU memory (safetensors refuses views and shared storage, e.g. tied weights).
     Missing parent folders are created; the file is written atomically.
     """
-    from safetensors.torch import save_file
-
     state = model.state_dict() if isinstance(model, nn.Module) else model
     tensors = {}
     for name, value in state.items():
@@ -62,8 +61,6 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 def _read_safetensors(path: Path) -> StateDict:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device="cpu")
     except Exception as error:  # SafetensorError, or whatever a corrupt header makes the parser raise

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from .batches import batch_inputs, to_device
-from .module_tools import eval_mode
 from .kernels.correlation import CorrelationAccumulator
+from .module_tools import eval_mode
 from .spec import PermutationSpec, forward_with_taps
 
 OBJECTIVES = ("correlation", "second_moment")

@@ -16,21 +16,27 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import assign
-from . import checkpoint
-from . import inputs
-from . import validate as v
+from . import assign, checkpoint, inputs
 from . import distributed as ddp
+from . import validate as v
 from .align import realign, unalign
-from .batches import (AugmentedBatches, BatchAugment, batch_inputs, dataset_size, default_shift, image_size_of,
-                      make_loader, steps_per_epoch)
+from .batches import (
+    AugmentedBatches,
+    BatchAugment,
+    batch_inputs,
+    dataset_size,
+    default_shift,
+    image_size_of,
+    make_loader,
+    steps_per_epoch,
+)
 from .checkpoint import tensor_digest
 from .curve import BezierCurve, LossFn, finetune_model, recalibrate_bn, train_curve
-from .spec import TAP_POINTS, PermutationSpec, discover, permute
-from .stats import OBJECTIVES
 from .module_tools import model_device
 from .run_report import build_report, write_report
 from .run_state import STEPS, RunState
+from .spec import TAP_POINTS, PermutationSpec, discover, permute
+from .stats import OBJECTIVES
 from .training import ComputeOptions, DivergedError, LoopState, all_finite
 
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps

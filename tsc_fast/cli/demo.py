@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import loss_metrics
-from ..testbed.victims import make_backdoored_digits
 from ..model_io import save_model
 from ..run_report import LandscapeRecorder
+from ..testbed.victims import make_backdoored_digits
 from ..tsc import TSCConfig, purify
 from .options import add_run_options, add_tsc_options, config_from_args, write_json
 

@@ -19,18 +19,32 @@ from torch.utils.data import Dataset
 
 from .. import distributed
 from ..architectures import build_architecture, describe_architecture
-from ..testbed.attacks import Attack, PatchTrigger, build_attack, triggered_test_set
-from ..data.backdoorbench import NORMALIZATION
-from ..normalization import NormalizedModel
-from ..data.backdoorbench_defense import bare_network
 from ..data import DatasetSplits, clean_subset, load_dataset
+from ..data.backdoorbench import NORMALIZATION, import_backdoorbench
+from ..data.backdoorbench_defense import (
+    DEFAULT_RATIO,
+    attack_test_split,
+    bare_network,
+    default_defense_dir,
+    evaluate_backdoorbench,
+    load_defender_data,
+    save_defense_result,
+)
 from ..metrics import accuracy, evaluate, loss_metrics, predict
 from ..model_io import load_into, save_model
-from ..run_folder import PURIFIED_FILE
+from ..normalization import NormalizedModel
+from ..run_folder import (
+    PURIFIED_FILE,
+    check_output_folder,
+    check_writable_file,
+    clear_outputs,
+    load_run_arguments,
+    save_run_arguments,
+)
 from ..run_report import LandscapeRecorder
-from ..run_folder import (check_output_folder, check_writable_file, clear_outputs, load_run_arguments,
-                          save_run_arguments)
+from ..testbed.attacks import Attack, PatchTrigger, build_attack, triggered_test_set
 from ..tsc import TSCConfig, purify
+from .demo import format_table
 from .options import add_run_options, add_tsc_options, config_from_args, write_json
 
 BENCHMARK_DATA = ("digits", "mnist", "cifar10", "gtsrb")  # training sets of which the defender holds a share
@@ -177,9 +191,6 @@ def prepare_backdoorbench_job(record_dir: str | Path, data_dir: str | Path | Non
     definitions on the record's poisoned test set. Besides ``purified.safetensors`` the job writes
     ``defense_result.pt`` in BackdoorBench's form (its analysis scripts read it unchanged).
     """
-    from ..data.backdoorbench import import_backdoorbench
-    from ..data.backdoorbench_defense import (DEFAULT_RATIO, attack_test_split, default_defense_dir,
-                                                 evaluate_backdoorbench, load_defender_data, save_defense_result)
 
     if clean_count is not None:
         raise ValueError("BackdoorBench's defenses take a share of the training set: use --clean-fraction "
@@ -258,8 +269,6 @@ def _summary(before: Metrics | None, after: Metrics | None, files: dict[str, str
     if before is None or after is None:
         lines = ["no test data: purified without before/after metrics"]
     else:
-        from .demo import format_table
-
         lines = [format_table(before, after)]
     labels = {"model": "purified model", "defense_result": "BackdoorBench defense result",
               "report_json": "report", "report_png": "report figure"}

@@ -27,8 +27,7 @@ from typing import Callable, Optional, Union
 
 from . import local
 from .embedded import load_digits_split, load_mnist_split
-from .splits import (DatasetSplits, clean_subset, dataset_labels, resize_images, subset_indices, subset_size,
-                     to_tensors)
+from .splits import DatasetSplits, clean_subset, dataset_labels, resize_images, subset_indices, subset_size, to_tensors
 
 __all__ = ["DatasetSplits", "load_dataset", "load_digits_split", "load_mnist_split", "clean_subset",
            "dataset_labels", "resize_images", "subset_indices", "subset_size", "to_tensors", "DATASET_LOADERS"]

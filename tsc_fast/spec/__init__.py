@@ -8,12 +8,28 @@
 A tied tensor (one Parameter or buffer under several state_dict names) is one tensor to all of these: the spec
 names it once, ``spec.aliases`` maps its other names to that one, and permuting keeps the tie.
 """
-from ._apply import (check_invariance, head_order, head_permutation, identity_permutations, permute,
-                     permute_state_dict, random_permutations, relative_error, validate_perms)
+from ._apply import (
+                     check_invariance,
+                     head_order,
+                     head_permutation,
+                     identity_permutations,
+                     permute,
+                     permute_state_dict,
+                     random_permutations,
+                     relative_error,
+                     validate_perms,
+)
 from ._discover import TAP_POINTS, discover
 from ._taps import attached_taps, forward_with_taps
-from ._types import (AxisRef, InvarianceError, PermutationSpec, SpecError, Tap, UnsupportedOperationError,
-                     UntraceableModelError)
+from ._types import (
+                     AxisRef,
+                     InvarianceError,
+                     PermutationSpec,
+                     SpecError,
+                     Tap,
+                     UnsupportedOperationError,
+                     UntraceableModelError,
+)
 
 __all__ = ["discover", "TAP_POINTS", "PermutationSpec", "AxisRef", "Tap", "permute", "permute_state_dict", "check_invariance",
            "random_permutations", "identity_permutations", "validate_perms", "relative_error", "forward_with_taps",

@@ -33,6 +33,7 @@ from ._ties import overlapping_views, tensor_aliases
 from ._tracing import trace
 from ._types import PermutationSpec
 
+
 def discover(model: nn.Module, example_input: Any, exclude: Iterable[str] = (), tap_at: str = "activation"
              ) -> PermutationSpec:
     """Find the permutation groups of ``model`` by tracing it with torch.fx and running it once on ``example_input``.

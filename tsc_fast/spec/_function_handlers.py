@@ -18,13 +18,39 @@ import torch.nn.functional as F
 
 from ._analysis import Analysis, Call, CallTable
 from ._axes import Dim
-from ._layout import (Layout, LayoutTree, coarsen_to_groups, is_tensor, reshape_layout, simplify, spatial_layout,
-                      tensor_operands)
-from ._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ADD_FUNCTIONS, ADD_METHODS, CONCAT_FUNCTIONS,
-                   EXPAND_METHODS, MATMUL_FUNCTIONS, MATMUL_METHODS, NO_EFFECT_FUNCTIONS, NORM_FUNCTIONS,
-                   PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS, POOL_FUNCTIONS, PRODUCT_FUNCTIONS, PRODUCT_METHODS,
-                   REDUCE_FUNCTIONS, REDUCE_METHODS, RESHAPE_FUNCTIONS, RESHAPE_METHODS, SHAPE_QUERY_METHODS,
-                   is_stochastic_depth)
+from ._layout import (
+    Layout,
+    LayoutTree,
+    coarsen_to_groups,
+    is_tensor,
+    reshape_layout,
+    simplify,
+    spatial_layout,
+    tensor_operands,
+)
+from ._ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ADD_FUNCTIONS,
+    ADD_METHODS,
+    CONCAT_FUNCTIONS,
+    EXPAND_METHODS,
+    MATMUL_FUNCTIONS,
+    MATMUL_METHODS,
+    NO_EFFECT_FUNCTIONS,
+    NORM_FUNCTIONS,
+    PASSTHROUGH_FUNCTIONS,
+    PASSTHROUGH_METHODS,
+    POOL_FUNCTIONS,
+    PRODUCT_FUNCTIONS,
+    PRODUCT_METHODS,
+    REDUCE_FUNCTIONS,
+    REDUCE_METHODS,
+    RESHAPE_FUNCTIONS,
+    RESHAPE_METHODS,
+    SHAPE_QUERY_METHODS,
+    is_stochastic_depth,
+)
 from ._tracing import describe_node, node_scope
 
 FUNCTIONS = CallTable("function")

@@ -10,8 +10,14 @@ import torch.nn as nn
 
 from ._analysis import Analysis, ModuleCall, ModuleTable
 from ._layout import LayoutTree, coarsen_to_groups, join, reshape_layout, spatial_layout
-from ._ops import (ACTIVATION_MODULES, BATCHNORM_MODULES, CONV_MODULES, PASSTHROUGH_MODULES, POOL_MODULES,
-                   RESHAPE_MODULES)
+from ._ops import (
+    ACTIVATION_MODULES,
+    BATCHNORM_MODULES,
+    CONV_MODULES,
+    PASSTHROUGH_MODULES,
+    POOL_MODULES,
+    RESHAPE_MODULES,
+)
 
 MODULES = ModuleTable()
 

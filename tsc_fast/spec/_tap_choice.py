@@ -11,8 +11,16 @@ import torch.nn.functional as F
 
 from ._analysis import Analysis
 from ._axes import AxisClass
-from ._ops import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, BATCHNORM_MODULES,
-                   MUTATING_FUNCTIONS, PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS, PASSTHROUGH_MODULES)
+from ._ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    BATCHNORM_MODULES,
+    MUTATING_FUNCTIONS,
+    PASSTHROUGH_FUNCTIONS,
+    PASSTHROUGH_METHODS,
+    PASSTHROUGH_MODULES,
+)
 from ._types import Tap
 
 TAP_POINTS = ("activation", "layer_output")  # where features are read: see discover()

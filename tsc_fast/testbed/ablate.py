@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .suite import make_victim, parse_names
-from . import reports
 from ..run_report import write_json_atomically
 from ..tsc import TSCConfig, purify
+from . import reports
+from .suite import make_victim, parse_names
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..align import unalign
-from .attacks import Attack
+from ..batches import make_loader
 from ..data.splits import clean_subset
+from ..spec import discover
+from .attacks import Attack
 from .classifier import shuffled_batches
 from .victims import BackdoorSetup, VictimTrainer, digits_victim
-from ..batches import make_loader
-from ..spec import discover
 
 
 @dataclass

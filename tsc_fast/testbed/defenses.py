@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..module_tools import model_device
 from ..batches import BatchAugment, batch_inputs, dataset_size, image_size_of, make_loader
 from ..curve import BezierCurve, LossFn, cross_entropy_loss, finetune_model, recalibrate_bn, train_curve
+from ..module_tools import model_device
 from ..tsc import OFFICIAL_CURVE_STEPS, TSCConfig, purify
 
 CleanData = Union[Dataset, DataLoader]

@@ -10,8 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..run_report import write_json_atomically
 from ..figures import plot_landscape, pyplot, save_figure
+from ..run_report import write_json_atomically
 
 METRICS = ("acc", "asr", "ra")
 

@@ -29,15 +29,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from .attacks import Attack, BadNets
 from ..data.embedded import load_digits_split
 from ..data.splits import clean_subset
-from ..module_tools import model_device
-from ..models import DigitsCNN
-from ..tsc import TSCConfig
-from .defenses import run_defense
 from ..losses import DEFAULT_TEMPERATURE, Augmentation, augment_views, contrastive_loss_fn, nt_xent
-
+from ..models import DigitsCNN
+from ..module_tools import model_device
+from ..tsc import TSCConfig
+from .attacks import Attack, BadNets
+from .defenses import run_defense
 
 
 class SimCLRNet(DigitsCNN):

@@ -26,14 +26,14 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
+from ..metrics import loss_metrics
+from ..run_report import LandscapeRecorder
+from ..tsc import TSCConfig, purify
+from . import reports
 from .adaptive_attack import make_adaptive_backdoored_digits
 from .attacks import ATTACKS, DIGITS_ATTACK_OPTIONS
-from ..metrics import loss_metrics
-from .victims import BackdoorSetup, make_backdoored_digits
-from . import reports
-from ..run_report import LandscapeRecorder
 from .defenses import DEFENSES, run_defense
-from ..tsc import TSCConfig, purify
+from .victims import BackdoorSetup, make_backdoored_digits
 
 IMPLANT_THRESHOLD = 50.0           # backdoored ASR (percent) below which an attack "did not implant"
 ADAPTIVE_PREFIX = "adaptive_"      # "adaptive_badnets": the base attack trained by tsc_fast.testbed.adaptive_attack

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from .attacks import Attack, build_attack, poison_dataset
 from ..data.embedded import load_digits_split
 from ..data.splits import clean_subset
 from ..metrics import evaluate
 from ..models import build_classifier
+from .attacks import Attack, build_attack, poison_dataset
 from .classifier import train_classifier
 
 

@@ -12,12 +12,21 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import reports
 from ...figures import pyplot, save_figure
+from .. import reports
 from ..machine import cpu_model
 from .config import COMPONENTS, SWEEP_NAMES, Row, ScalingConfig
-from .fit import (TOP_FIT, as_number, crossing, derived_series, exponent_table, fit_series, lap_shares,
-                  reference_series, series)
+from .fit import (
+    TOP_FIT,
+    as_number,
+    crossing,
+    derived_series,
+    exponent_table,
+    fit_series,
+    lap_shares,
+    reference_series,
+    series,
+)
 from .formatting import format_number, format_percent
 
 CSV_FIELDS = ("family", "sweep", "width", "largest_group", "groups", "params", "component", "seconds", "repeats",
