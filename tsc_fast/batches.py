@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .distributed import ShardedBatchSampler, set_epoch, shard_of
 
@@ -144,3 +144,28 @@ class AugmentedBatches:
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False) -> int:
     return num_examples // batch_size if drop_last else math.ceil(num_examples / batch_size)
+
+
+def to_tensors(data: Dataset | tuple[torch.Tensor, torch.Tensor], max_items: int = 200_000
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a small dataset into ``(x, y)`` tensors; refuses datasets larger than ``max_items``.
+
+    A ``TensorDataset`` of (x, y) and an ``(x, y)`` pair are returned without copying.
+    """
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise ValueError(f"expected an (x, y) pair, got a tuple of {len(data)} items")
+        return data
+    if isinstance(data, TensorDataset):
+        if len(data.tensors) != 2:
+            raise ValueError(f"expected a TensorDataset of (x, y), got {len(data.tensors)} tensors")
+        return data.tensors[0], data.tensors[1]
+    n = len(data)
+    if n > max_items:
+        raise ValueError(f"dataset has {n} items, more than max_items={max_items}; iterate it with a DataLoader")
+    if n == 0:
+        raise ValueError("cannot stack an empty dataset")
+    samples = [data[i] for i in range(n)]
+    x = torch.stack([torch.as_tensor(s[0]) for s in samples])
+    y = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.int64)
+    return x, y

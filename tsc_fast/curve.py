@@ -28,6 +28,22 @@ def cross_entropy_loss(model: Callable[[torch.Tensor], torch.Tensor], batch: Any
     return F.cross_entropy(model(x), y)
 
 
+def distillation_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
+    """Knowledge distillation (Hinton et al., 2015): alpha * T^2 * KL(teacher || student at temperature T)
+    + (1 - alpha) * cross-entropy on the labels, the teacher frozen in eval mode on the same (augmented) batch."""
+    teacher.eval()
+
+    def loss(model: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x) / temperature, dim=1)
+        logits = model(x)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True, reduction="batchmean")
+        return alpha * temperature ** 2 * kd + (1 - alpha) * F.cross_entropy(logits, y)
+
+    return loss
+
+
 class ParamLayout:
     """Names, shapes and offsets of a model's parameters inside one flat buffer."""
 
@@ -84,13 +100,29 @@ class BezierCurve(nn.Module):
         return self.bind(self.weights(t))(x)
 
     @torch.no_grad()
-    def point(self, t: float) -> nn.Module:
-        """A plain module with the weights w(t) and a copy of the template's buffers (recalibrate them!)."""
+    def point(self, t: float, span: float = 0.0) -> nn.Module:
+        """A plain module with the weights w(t) and a copy of the template's buffers (recalibrate them!).
+
+        ``span`` > 0: the average of w over t' in [t - span/2, t + span/2] (clipped to [0, 1]) instead, as weight
+        averaging along a trajectory does (SWA, FGE). The average of Bezier points is the Bezier combination with
+        averaged Bernstein weights, computed exactly.
+        """
+        weights = self.weights(t) if span <= 0 else self.averaged_weights(t - span / 2, t + span / 2)
         model = copy.deepcopy(self.template)
-        for p, w in zip(model.parameters(), self.layout.unflatten(self.weights(t)).values()):
+        for p, w in zip(model.parameters(), self.layout.unflatten(weights).values()):
             p.copy_(w)
             p.requires_grad_(True)
         return model
+
+    def averaged_weights(self, t0: float, t1: float) -> torch.Tensor:
+        """The mean of w(t) over t uniform in [t0, t1] (clipped to [0, 1])."""
+        t0, t1 = max(0.0, float(t0)), min(1.0, float(t1))
+        if t1 - t0 < 1e-12:
+            return self.weights(t0)
+        width = t1 - t0
+        c0 = ((1 - t0) ** 3 - (1 - t1) ** 3) / (3 * width)   # mean of (1-t)^2
+        c2 = (t1 ** 3 - t0 ** 3) / (3 * width)               # mean of t^2
+        return self.start * c0 + self.middle * (1.0 - c0 - c2) + self.end * c2
 
 
 class _CurveObjective(nn.Module):
@@ -124,7 +156,7 @@ def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss
                 t_max: int | None = None, augment: BatchAugment = BatchAugment(), seed: int = 0, device="cpu",
                 desc: str = "curve", progress: bool = True, resume: LoopState | None = None,
                 on_epoch_end: Callable[[LoopState], None] | None = None,
-                compute: ComputeOptions = ComputeOptions()) -> list[float]:
+                compute: ComputeOptions = ComputeOptions(), sam_rho: float = 0.0) -> list[float]:
     """Train the middle control point: one t ~ U(0,1) per batch, loss = task loss + 0.5 * l2 * ||w(t)||^2.
 
     Under torch.distributed the objective runs inside DistributedDataParallel and BatchNorm layers use global
@@ -140,7 +172,7 @@ def train_curve(curve: BezierCurve, batches: Iterable[Any], epochs: int, *, loss
         return optimise([curve.middle], batches, epochs, step_loss, lr=lr, momentum=momentum,
                         weight_decay=weight_decay, t_max=t_max, augment=augment, seed=seed,
                         device=device, desc=desc, progress=progress, resume=resume, on_epoch_end=on_epoch_end,
-                        compute=compute)
+                        compute=compute, sam_rho=sam_rho)
 
 
 def finetune_model(model: nn.Module, batches: Iterable[Any], epochs: int, *, loss_fn: LossFn | None = None,

@@ -1,4 +1,4 @@
-"""Models defined in the package: an MLP and a small CNN for the 8x8 digits, and PreAct-ResNet18.
+"""Models defined in the package: an MLP, a small CNN for the 8x8 digits, one for 28x28 MNIST, and PreAct-ResNet18.
 
 PreActResNet18 follows the CIFAR-style layout used across the backdoor literature (3x3 stem, four stages of two
 pre-activation blocks, 1x1 projection shortcuts where the shape changes, no final norm), and its parameter names
@@ -59,6 +59,40 @@ class DigitsCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+class MnistCNN(nn.Module):
+    """Small residual CNN for 1x28x28 MNIST (the MNIST victim of ``tsc_fast.testbed.victims``).
+
+    conv(1->w)+BN+ReLU at 28x28; max-pool to 14x14; h + ReLU(BN(conv(w->w))); conv(w->2w)+BN+ReLU; max-pool to
+    7x7; conv(2w->4w)+BN+ReLU; global average pool; linear. Three permutation groups: the w-channel stream, the 2w
+    channels of conv3 and the 4w channels of conv4. Width 16: about 28k parameters and 2.4M multiply-adds per
+    image, so a default TSC run (about 12k curve steps at batch 32) stays a few minutes on one CPU thread.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.conv4 = nn.Conv2d(2 * width, 4 * width, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(4 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled representation (N, 4w) the classifier reads."""
+        h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        h = h + F.relu(self.bn2(self.conv2(h)))
+        h = F.max_pool2d(F.relu(self.bn3(self.conv3(h))), 2)
+        h = F.relu(self.bn4(self.conv4(h)))
+        return torch.flatten(self.pool(h), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 class PreActBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -101,11 +135,11 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
-ARCHITECTURES = {"mlp": MLP, "cnn": DigitsCNN, "preact_resnet18": PreActResNet18}
+ARCHITECTURES = {"mlp": MLP, "cnn": DigitsCNN, "mnist_cnn": MnistCNN, "preact_resnet18": PreActResNet18}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a package model by name (``mlp``, ``cnn``, ``preact_resnet18``)."""
+    """Build a package model by name (``mlp``, ``cnn``, ``mnist_cnn``, ``preact_resnet18``)."""
     try:
         cls = ARCHITECTURES[name]
     except KeyError:
@@ -114,7 +148,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def build_classifier(arch: str, image_shape: Sequence[int], num_classes: int, seed: int = 0) -> nn.Module:
-    """A package model (``mlp``, ``cnn``, ``preact_resnet18``) sized for ``image_shape`` (C, H, W), seeded init.
+    """A package model (``mlp``, ``cnn``, ``mnist_cnn``, ``preact_resnet18``) sized for ``image_shape`` (C, H, W), seeded init.
 
     The global torch RNG is left untouched.
     """

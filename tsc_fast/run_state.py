@@ -21,8 +21,8 @@ from .training import LoopState
 
 # The steps of one round, in order. A checkpoint records the next step to run (and, inside a curve or the
 # fine-tune, the optimisation loop's state), so a resumed run continues exactly where the last one stopped.
-STEPS = ("unalign", "curve1", "realign", "curve2", "finetune")
-ALIGNMENTS_DONE_BEFORE = {"unalign": 0, "curve1": 1, "realign": 1, "curve2": 2, "finetune": 2}  # within a round
+STEPS = ("unalign", "curve1", "realign", "curve2", "finetune", "distill")
+ALIGNMENTS_DONE_BEFORE = {"unalign": 0, "curve1": 1, "realign": 1, "curve2": 2, "finetune": 2, "distill": 2}  # within a round
 NEEDS_STAGE1 = ("realign", "curve2")
 
 

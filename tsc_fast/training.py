@@ -62,7 +62,7 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
              weight_decay: float = 0.0, t_max: int | None = None, augment: BatchAugment = BatchAugment(),
              seed: int = 0, device: torch.device | str = "cpu", desc: str = "train", progress: bool = True,
              resume: LoopState | None = None, on_epoch_end: Callable[[LoopState], None] | None = None,
-             compute: ComputeOptions = ComputeOptions()) -> list[float]:
+             compute: ComputeOptions = ComputeOptions(), sam_rho: float = 0.0) -> list[float]:
     """Run ``epochs`` passes of SGD over ``batches``; returns the mean loss of every epoch.
 
     ``step_loss(batch, generator)`` computes the mean loss of one (augmented, on-device) batch; the generator is
@@ -71,7 +71,9 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
     ``augment`` with draws from that generator. ``resume``: continue from a
     state that ``on_epoch_end`` was handed earlier (called after every epoch). Under torch.distributed the
     recorded losses are global batch means, and every rank raises together if a loss is not finite.
-    ``compute``: bf16 autocast and channels-last batches (see :class:`ComputeOptions`).
+    ``compute``: bf16 autocast and channels-last batches (see :class:`ComputeOptions`). ``sam_rho`` > 0: each
+    step is a sharpness-aware one (SAM, Foret et al., ICLR 2021): the gradient is taken at the weights moved by
+    ``sam_rho`` along the normalised gradient, with the same batch and the same random draws.
     """
     if epochs <= 0:
         return []
@@ -92,7 +94,8 @@ def optimise(params: Sequence[torch.Tensor], batches: Iterable[Any], epochs: int
         ddp.set_epoch(batches, epoch)
         total, count = 0.0, 0
         for batch in batches:
-            total += _step(batch, step_loss, optimizer, generator, augment, device, desc, epoch, count, compute)
+            total += _step(batch, step_loss, optimizer, generator, augment, device, desc, epoch, count, compute,
+                           sam_rho)
             count += 1
         epoch_losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
@@ -115,13 +118,14 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: torch.Generator, augment: BatchAugment,
-          device, desc: str, epoch: int, step: int, compute: ComputeOptions) -> float:
-    """One SGD step on one batch; returns the batch's mean loss (over all ranks' examples)."""
+          device, desc: str, epoch: int, step: int, compute: ComputeOptions, sam_rho: float = 0.0) -> float:
+    """One SGD (or SAM) step on one batch; returns the batch's mean loss (over all ranks' examples)."""
     shard = ddp.shard_of(batch)
     local = ddp.batch_size_of(batch)
     batch = augment(to_device(batch, device), generator, shard)
     if compute.channels_last:
         batch = _channels_last(batch)
+    draws = generator.get_state()  # SAM's second pass repeats this step's random draws (its t)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=compute.autocast == "bf16"):
         loss = step_loss(batch, generator)
     if not torch.is_tensor(loss) or loss.dim() != 0:
@@ -132,11 +136,40 @@ def _step(batch: Any, step_loss, optimizer: torch.optim.Optimizer, generator: to
     where = f"{desc}: epoch {epoch + 1}, step {step + 1}"
     if not math.isfinite(value):
         raise DivergedError(f"{where}: the loss became {value}; lower the learning rate")
+    scale = ddp.loss_scale(local, shard[2]) if shard else 1.0
     optimizer.zero_grad(set_to_none=True)
-    (loss * ddp.loss_scale(local, shard[2]) if shard else loss).backward()
+    (loss * scale).backward()
+    if sam_rho > 0:
+        _sharpness_aware_gradient(optimizer, lambda: step_loss(batch, generator) * scale, generator, draws, sam_rho,
+                                  compute, device)
     optimizer.step()
     # a NaN/inf gradient passes the loss check above: the weights it leaves must be checked too
     if not all_finite([p for group in optimizer.param_groups for p in group["params"]]):
         raise DivergedError(f"{where}: the weights became NaN/inf after the optimiser step (a non-finite "
                             "gradient); lower the learning rate")
     return value
+
+
+def _sharpness_aware_gradient(optimizer: torch.optim.Optimizer, loss_again: Callable[[], torch.Tensor],
+                              generator: torch.Generator, draws: torch.Tensor, rho: float, compute: ComputeOptions,
+                              device) -> None:
+    """Replace the gradients by those at w + rho * g / ||g|| (the ascent step of SAM), then move back to w."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else None
+    if norm is None or not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return
+    with torch.no_grad():
+        moves = [p.grad * (rho / norm) for p in params]
+        for p, e in zip(params, moves):
+            p.add_(e)
+    optimizer.zero_grad(set_to_none=True)
+    after = generator.get_state()
+    generator.set_state(draws)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=compute.autocast == "bf16"):
+        loss = loss_again()
+    loss.backward()
+    generator.set_state(after)
+    with torch.no_grad():
+        for p, e in zip(params, moves):
+            p.sub_(e)
+

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import assign, checkpoint, inputs
 from . import distributed as ddp
@@ -29,10 +29,11 @@ from .batches import (
     image_size_of,
     make_loader,
     steps_per_epoch,
+    to_tensors,
 )
 from .checkpoint import tensor_digest
-from .curve import BezierCurve, LossFn, finetune_model, recalibrate_bn, train_curve
-from .module_tools import model_device
+from .curve import BezierCurve, LossFn, distillation_loss, finetune_model, recalibrate_bn, train_curve
+from .module_tools import eval_mode, model_device
 from .run_report import build_report, write_report
 from .run_state import STEPS, RunState
 from .spec import TAP_POINTS, PermutationSpec, discover, permute
@@ -42,6 +43,7 @@ from .training import ComputeOptions, DivergedError, LoopState, all_finite
 OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 epochs -> about 2000 steps
 OFFICIAL_CROP_PADDING = 4    # the official training transform: RandomCrop(size, padding=4) at every image size
 OFFICIAL_FLIPPED = ("cifar10",)  # datasets its training transform also flips horizontally
+T_SELECTIONS = ("fixed", "holdout")
 
 
 def adaptive_batch_size(num_examples: int) -> int:
@@ -85,6 +87,20 @@ class TSCConfig:
     tap_at: str = "activation"            # where unit features are read (spec.discover): after norm+activation,
                                           # or "layer_output" (raw layer outputs, the official code's choice)
     objective: str = "correlation"        # "correlation" (Pearson) or "second_moment" (uncentred, L2 objective)
+    # beyond the paper: keeping accuracy (all off by default; see the README's measurements)
+    t_select: str = "fixed"               # "holdout": stage-2 t* = the largest t of t_grid whose accuracy on a
+                                          # held-out share of the clean set stays within acc_budget points of the
+                                          # original model's (the held-out images are not trained on)
+    holdout_fraction: float = 0.2         # share of the clean set held out for t_select="holdout"
+    t_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
+    acc_budget: float = 2.0               # percentage points of held-out accuracy the stage-2 point may lose
+    average_span: float = 0.0             # each stage's point averages w(t) over [t* - span/2, t* + span/2]
+    sam_rho: float = 0.0                  # > 0: sharpness-aware curve training (SAM) with this radius
+    distill_epochs: int = 0               # > 0: after the last round, distil the original model's clean-input
+                                          # outputs into the purified one on augmented clean batches
+    distill_lr: float = 0.01
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.9            # weight of the distillation term (the rest: cross-entropy on labels)
     assign_backend: str = "auto"          # LAP backend: auto/native, scipy, lap
     autocast: str | None = None           # "bf16": curve and fine-tune forwards under bf16 autocast (GPU speed)
     channels_last: bool = False           # channels-last image batches in curve training and fine-tuning
@@ -118,6 +134,18 @@ class TSCConfig:
             v.boolean(flag, getattr(self, flag))
         v.choice("tap_at", self.tap_at, TAP_POINTS)
         v.choice("objective", self.objective, OBJECTIVES)
+        v.choice("t_select", self.t_select, T_SELECTIONS)
+        v.real("holdout_fraction", self.holdout_fraction, 0.0, 1.0, open_below=True, open_above=True)
+        if not isinstance(self.t_grid, (tuple, list)) or not self.t_grid:
+            raise v.SettingError(f"t_grid must be a non-empty sequence of t values in [0, 1], got {self.t_grid!r}")
+        self.t_grid = tuple(v.real("t_grid entry", t, 0.0, 1.0) for t in self.t_grid)
+        v.real("acc_budget", self.acc_budget, 0.0, 100.0)
+        v.real("average_span", self.average_span, 0.0, 1.0)
+        v.real("sam_rho", self.sam_rho, 0.0)
+        v.integer("distill_epochs", self.distill_epochs, 0)
+        v.real("distill_lr", self.distill_lr, 0.0, open_below=True)
+        v.real("distill_temperature", self.distill_temperature, 0.0, open_below=True)
+        v.real("distill_alpha", self.distill_alpha, 0.0, 1.0)
         v.choice("assign_backend", self.assign_backend, assign.BACKENDS)
         v.choice("autocast", self.autocast, ("bf16",), allow_none=True)
         v.integer("seed", self.seed, 0)
@@ -252,6 +280,7 @@ class _Run:
         inputs.check_model(model)
         inputs.check_clean_data(clean_data)
         self.device = model_device(model, config.device)
+        clean_data, self.holdout = self._split_holdout(clean_data, loss_fn)
         num_examples = dataset_size(clean_data)
         if num_examples == 0:
             raise ValueError("the clean data are empty")
@@ -270,6 +299,10 @@ class _Run:
         self.train_batches = make_loader(clean_data, self.plan.batch_size, shuffle=True, seed=config.seed)
         self.clean_data = clean_data
         self.current = copy.deepcopy(model).to(self.device).eval()
+        self.teacher = self.current if config.distill_epochs > 0 else None  # the original, never trained
+        self.reference_acc = self._holdout_accuracy(self.current) if self.holdout is not None else None
+        if self.teacher is not None:
+            self.current = copy.deepcopy(self.teacher)
         self.spec = spec or discover(self.current, example.to(self.device), tap_at=config.tap_at)
         if not self.spec.groups:
             raise ValueError(f"{type(model).__name__} has no permutation groups (no hidden units that can be "
@@ -292,7 +325,7 @@ class _Run:
                 raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
             self._restore()
         run = {"unalign": self._unalign, "curve1": self._curve1, "realign": self._realign, "curve2": self._curve2,
-               "finetune": self._finetune}
+               "finetune": self._finetune, "distill": self._distill}
         while self.state.round < self.config.rounds:
             run[self.state.step]()
         self.result.model = self.current.eval()
@@ -301,10 +334,13 @@ class _Run:
 
     def _advance(self) -> None:
         """Move to the next step (fine-tune only between rounds, and only if it has epochs) and checkpoint."""
-        state = self.state
+        state, c = self.state, self.config
+        last_round = state.round == c.rounds - 1
+        skipped = {"finetune": last_round or c.finetune_epochs <= 0, "distill": not last_round or c.distill_epochs <= 0}
         index = STEPS.index(state.step) + 1
-        last_round = state.round == self.config.rounds - 1
-        if index == len(STEPS) or (STEPS[index] == "finetune" and (last_round or self.config.finetune_epochs <= 0)):
+        while index < len(STEPS) and skipped.get(STEPS[index], False):
+            index += 1
+        if index == len(STEPS):
             state.round, index = state.round + 1, 0
         state.step, state.middle, state.loop = STEPS[index], None, None
         self._save()  # after the last step too: resuming a finished run returns its result at once
@@ -348,11 +384,12 @@ class _Run:
 
     def _curve2(self) -> None:
         realigned = permute(self.current, self.spec, self.state.perms[-1])
-        self.current = self._curve(realigned, self.stage1_point, self.config.t_stage2, stage=2)
+        t = None if self.config.t_select == "holdout" else self.config.t_stage2  # None: chosen on the held-out share
+        self.current = self._curve(realigned, self.stage1_point, t, stage=2)
         self.stage1_point = None
         self._advance()
 
-    def _curve(self, start: nn.Module, end: nn.Module, t: float, stage: int) -> nn.Module:
+    def _curve(self, start: nn.Module, end: nn.Module, t: float | None, stage: int) -> nn.Module:
         c, plan, state, r = self.config, self.plan, self.state, self.state.round
         t0 = time.perf_counter()
         curve = BezierCurve(start, end).to(self.device)
@@ -370,15 +407,36 @@ class _Run:
                              seed=c.seed + 1000 * r + stage, device=self.device,
                              desc=f"round {r + 1}/{c.rounds} curve {stage}", progress=c.progress and ddp.is_main(),
                              resume=state.loop, on_epoch_end=save_epoch if self.checkpoint_dir else None,
-                             compute=self.compute)
+                             compute=self.compute, sam_rho=c.sam_rho)
         if self.on_curve is not None:
             self.on_curve(r + 1, stage, curve, self.stats_batches)
-        point = curve.point(t)
-        recalibrate_bn(point, self._pass_batches(plan.bn_batch_size, STEPS.index(f"curve{stage}")), device=self.device)
+        bn_batches = self._pass_batches(plan.bn_batch_size, STEPS.index(f"curve{stage}"))
+        candidates = None
+        if t is None:
+            t, point, candidates = self._select_t(curve, bn_batches)
+        else:
+            point = curve.point(t, c.average_span)
+            recalibrate_bn(point, bn_batches, device=self.device)
         _require_finite(point, f"round {r + 1}, stage {stage}: the curve point at t={t:g}")
         seconds = {**state.pending["seconds"], "curve_and_bn": time.perf_counter() - t0}
-        state.history.append(_stage_record(r, stage, t, losses, state.pending["alignment"], seconds))
+        record = _stage_record(r, stage, t, losses, state.pending["alignment"], seconds)
+        if candidates is not None:
+            record["t_candidates"] = candidates
+        state.history.append(record)
         return point
+
+    def _select_t(self, curve: BezierCurve, bn_batches) -> tuple[float, nn.Module, dict[str, float]]:
+        """The largest t of ``t_grid`` whose point keeps its held-out accuracy within ``acc_budget`` points of the
+        original model's (the point furthest from the backdoored start that the budget allows); if none does,
+        the most accurate one. Returns (t, its recalibrated point, held-out accuracy per t)."""
+        scored = []
+        for t in sorted(self.config.t_grid):
+            point = curve.point(t, self.config.average_span)
+            recalibrate_bn(point, bn_batches, device=self.device)
+            scored.append((t, self._holdout_accuracy(point), point))
+        within = [entry for entry in scored if entry[1] >= self.reference_acc - self.config.acc_budget]
+        t, _, point = within[-1] if within else max(scored, key=lambda entry: (entry[1], -entry[0]))
+        return t, point, {f"{t:g}": acc for t, acc, _ in scored}
 
     def _finetune(self) -> None:
         c, state, r = self.config, self.state, self.state.round
@@ -398,6 +456,52 @@ class _Run:
         record["seconds"]["finetune"] = record["seconds"].get("finetune", 0.0) + time.perf_counter() - t0
         _require_finite(self.current, f"round {r + 1}: the fine-tuned model")
         self._advance()
+
+    def _distill(self) -> None:
+        """Distil the original model's outputs on clean (augmented) inputs into the purified model."""
+        c, state = self.config, self.state
+        t0 = time.perf_counter()
+
+        def save_epoch(loop: LoopState) -> None:
+            state.loop = loop
+            self._save(interim=True)
+
+        record = state.history[-1]
+        record["distill_losses"] = finetune_model(
+            self.current, self.train_batches, c.distill_epochs,
+            loss_fn=distillation_loss(self.teacher, c.distill_temperature, c.distill_alpha), lr=c.distill_lr,
+            momentum=c.momentum, weight_decay=c.weight_decay, augment=self.plan.augment,
+            seed=c.seed + 1000 * state.round + 4, device=self.device, desc="distill",
+            progress=c.progress and ddp.is_main(), resume=state.loop,
+            on_epoch_end=save_epoch if self.checkpoint_dir else None, compute=self.compute)
+        record["seconds"]["distill"] = record["seconds"].get("distill", 0.0) + time.perf_counter() - t0
+        _require_finite(self.current, "the distilled model")
+        self._advance()
+
+    # ------------------------------------------------------------------ held-out clean data
+    def _split_holdout(self, clean_data, loss_fn) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(training share, held-out (x, y)) for ``t_select="holdout"``; (clean_data, None) otherwise."""
+        if self.config.t_select != "holdout":
+            return clean_data, None
+        if loss_fn is not None or isinstance(clean_data, DataLoader):
+            raise ValueError("t_select='holdout' measures held-out accuracy: it needs a labelled Dataset of (x, y) "
+                             "and the default cross-entropy loss (not a DataLoader or a custom loss_fn)")
+        n = dataset_size(clean_data)
+        held = max(1, round(self.config.holdout_fraction * n))
+        if held >= n:
+            raise ValueError(f"holdout_fraction {self.config.holdout_fraction} of {n} clean examples leaves nothing "
+                             "to train on")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 7))
+        held_index, kept = order[:held].tolist(), order[held:].tolist()
+        x, y = to_tensors(Subset(clean_data, held_index))
+        return Subset(clean_data, sorted(kept)), (x, y)
+
+    @torch.no_grad()
+    def _holdout_accuracy(self, model: nn.Module) -> float:
+        x, y = self.holdout
+        with eval_mode(model):
+            predictions = torch.cat([model(x[i:i + 256].to(self.device)).argmax(1).cpu() for i in range(0, len(x), 256)])
+        return float((predictions == y).float().mean() * 100)
 
     # ------------------------------------------------------------------ checkpoints
     def _identity(self, model: nn.Module, num_examples: int, clean_data) -> dict[str, Any]:

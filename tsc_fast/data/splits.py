@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ..batches import to_tensors
+
 RESIZE_CHUNK = 1024  # images interpolated at once: bounds the float copy of a uint8 dataset
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
@@ -215,27 +217,3 @@ def clean_subset(data: DataLike, fraction: float | None, seed: int = 0, class_ba
     if isinstance(data, TensorDataset):
         return TensorDataset(*(t[index_tensor] for t in data.tensors))
     return Subset(data, index.tolist())
-
-
-def to_tensors(data: DataLike, max_items: int = 200_000) -> TensorPair:
-    """Stack a small dataset into ``(x, y)`` tensors; refuses datasets larger than ``max_items``.
-
-    A ``TensorDataset`` of (x, y) and an ``(x, y)`` pair are returned without copying.
-    """
-    if isinstance(data, tuple):
-        if len(data) != 2:
-            raise ValueError(f"expected an (x, y) pair, got a tuple of {len(data)} items")
-        return data
-    if isinstance(data, TensorDataset):
-        if len(data.tensors) != 2:
-            raise ValueError(f"expected a TensorDataset of (x, y), got {len(data.tensors)} tensors")
-        return data.tensors[0], data.tensors[1]
-    n = len(data)
-    if n > max_items:
-        raise ValueError(f"dataset has {n} items, more than max_items={max_items}; iterate it with a DataLoader")
-    if n == 0:
-        raise ValueError("cannot stack an empty dataset")
-    samples = [data[i] for i in range(n)]
-    x = torch.stack([torch.as_tensor(s[0]) for s in samples])
-    y = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.int64)
-    return x, y

@@ -56,7 +56,8 @@ from .quantization import BPP, floyd_steinberg, quantize
 from .warp import WaNet
 
 __all__ = [
-    "ATTACKS", "ATTACK_ALIASES", "CLEAN_LABEL_ATTACKS", "DIGITS_ATTACK_OPTIONS", "build_attack",
+    "ATTACKS", "ATTACK_ALIASES", "CLEAN_LABEL_ATTACKS", "ATTACK_OPTIONS", "DIGITS_ATTACK_OPTIONS",
+    "MNIST_ATTACK_OPTIONS", "build_attack",
     "Attack", "CleanLabelAttack", "PoisonedSet", "ImageShape",
     "BadNets", "PatchTrigger", "Blended", "BPP", "LowFrequency", "SIG", "LabelConsistent", "WaNet", "InputAware",
     "poison_dataset", "poison_count", "choose_poison_indices", "choose_target_indices", "choose_cross_indices",
@@ -90,6 +91,19 @@ DIGITS_ATTACK_OPTIONS: dict[str, dict] = {
     "wanet": {"strength": 2.0, "grid_size": 3, "cross_ratio": 1.0},
     "input_aware": {},
 }
+
+MNIST_ATTACK_OPTIONS: dict[str, dict] = {
+    "badnets": {"patch_size": 3},
+    "blended": {"alpha": 0.2},
+    "bpp": {"bits": 3},
+    "lf": {},
+    "sig": {"delta": 40 / 255, "frequency": 6},
+    "lc": {"surrogate_arch": "mnist_cnn"},
+    "wanet": {"grid_size": 4, "strength": 0.5, "cross_ratio": 2.0},
+    "input_aware": {"mask_density": 0.032},
+}
+
+ATTACK_OPTIONS: dict[str, dict[str, dict]] = {"digits": DIGITS_ATTACK_OPTIONS, "mnist": MNIST_ATTACK_OPTIONS}
 
 
 def build_attack(name: str, image_shape: Sequence[int], **options) -> Attack:
