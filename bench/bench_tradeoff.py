@@ -37,6 +37,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill20": {"distill_epochs": 20},
     "distill50": {"distill_epochs": 50},
     "batch8": {"batch_size": 8},
+    "shift2": {"augment_shift": 2},
+    "affine": {"augment_rotation": 15.0, "augment_scale": 0.1},
+    "affine_b8": {"augment_rotation": 15.0, "augment_scale": 0.1, "batch_size": 8},
+    "affine_b8_avg": {"augment_rotation": 15.0, "augment_scale": 0.1, "batch_size": 8, "average_span": 0.2},
 }
 
 

@@ -145,3 +145,22 @@ def test_official_style_statistics_run_reproducibly(flip):
                                                         warn_below_steps=0, tap_at="layer_output"))
     # augmented BN passes give other running statistics than the plain ordered pass
     assert not torch.equal(first.model.bn1.running_mean, plain.model.bn1.running_mean)
+
+
+def test_random_rotate_scale_is_the_identity_at_zero_and_reproducible_otherwise():
+    from tsc_fast.batches import random_rotate_scale
+
+    x = torch.rand(6, 2, 8, 8)
+    torch.testing.assert_close(random_rotate_scale(x, 0.0, 0.0, torch.Generator().manual_seed(0)), x)
+    a = random_rotate_scale(x, 15.0, 0.1, torch.Generator().manual_seed(1))
+    b = random_rotate_scale(x, 15.0, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 + 1e-6
+
+
+def test_batch_augment_with_affine_parts_changes_only_the_images():
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    out = BatchAugment(shift=1, rotation=10.0, scale=0.1)((x, y), torch.Generator().manual_seed(2))
+    assert out[1] is y and out[0].shape == x.shape and not torch.equal(out[0], x)
+    plan = TSCConfig(augment_rotation=10.0, augment_scale=0.1).plan(72, image_size=8)
+    assert plan.augment == BatchAugment(1, False, 10.0, 0.1)

@@ -82,6 +82,8 @@ class TSCConfig:
     augment_shift: int | None = None      # random translation (pixels) of curve/fine-tune images; None: 4 px at
                                           # 32 px scaled to the image size (official RandomCrop(padding=4)); 0: off
     augment_flip: bool = False            # random horizontal flips too (official: CIFAR-10 only)
+    augment_rotation: float = 0.0         # random rotations up to this many degrees (beyond the paper)
+    augment_scale: float = 0.0            # random rescaling by up to this fraction (beyond the paper)
     stats_augment: bool = False           # statistics and BN recalibration on augmented, shuffled batches as the
                                           # official code does (its training loader); False: plain, in order
     tap_at: str = "activation"            # where unit features are read (spec.discover): after norm+activation,
@@ -130,6 +132,8 @@ class TSCConfig:
         v.integer("stats_batch_size", self.stats_batch_size, 1)
         v.integer("bn_batch_size", self.bn_batch_size, 1, allow_none=True)
         v.integer("augment_shift", self.augment_shift, 0, allow_none=True)
+        v.real("augment_rotation", self.augment_rotation, 0.0, 180.0)
+        v.real("augment_scale", self.augment_scale, 0.0, 1.0, open_above=True)
         for flag in ("augment_flip", "stats_augment", "channels_last", "verify", "progress"):
             v.boolean(flag, getattr(self, flag))
         v.choice("tap_at", self.tap_at, TAP_POINTS)
@@ -189,16 +193,16 @@ class TSCConfig:
             epochs = self.curve_epochs
         else:
             epochs = max(1, math.ceil(self.curve_steps / per_epoch))
-        shift, flip = self.augment_shift, self.augment_flip
+        shift, flip, rotation, scale = self.augment_shift, self.augment_flip, self.augment_rotation, self.augment_scale
         if loader_batch_size is not None:
-            if shift or flip:
-                warnings.warn("clean_data is a DataLoader, used as given: augment_shift/augment_flip are ignored "
+            if shift or flip or rotation or scale:
+                warnings.warn("clean_data is a DataLoader, used as given: the augment_* settings are ignored "
                               "(put the augmentation in its dataset's transforms)", stacklevel=3)
-            shift, flip = 0, False
+            shift, flip, rotation, scale = 0, False, 0.0, 0.0
         elif shift is None:
             shift = default_shift(image_size) if image_size else 0
         return RunPlan(batch, epochs, per_epoch * epochs, shift, self.cosine_t_max or epochs, flip,
-                       self.bn_batch_size or self.stats_batch_size)
+                       self.bn_batch_size or self.stats_batch_size, rotation, scale)
 
 
 @dataclass(frozen=True)
@@ -210,11 +214,13 @@ class RunPlan:
     cosine_t_max: int
     augment_flip: bool = False
     bn_batch_size: int = 128
+    augment_rotation: float = 0.0
+    augment_scale: float = 0.0
 
     @property
     def augment(self) -> BatchAugment:
         """The augmentation of curve and fine-tune batches."""
-        return BatchAugment(self.augment_shift, self.augment_flip)
+        return BatchAugment(self.augment_shift, self.augment_flip, self.augment_rotation, self.augment_scale)
 
 
 @dataclass
