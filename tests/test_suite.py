@@ -52,13 +52,17 @@ def test_quick_suite_table_has_every_cell_and_sane_metrics(quick_suite):
     table = (quick_suite / "table.md").read_text()
     for attack in ("badnets", "blended"):
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {attack} |"))
-        assert line.count("±") == 3 * (1 + len(DEFENSES)), line   # ACC/ASR/RA of backdoored + every defense
+        # the clean-model ASR, then ACC/ASR/RA of the backdoored model and of every defense
+        assert line.count("±") == 1 + 3 * (1 + len(DEFENSES)), line
+    assert table.startswith("# tsc_fast benchmark suite (digits)") and "Dataset: digits." in table
 
 
 def test_quick_suite_victims_implant_and_a_defense_removes_the_backdoor(quick_suite):
     rows = _rows(quick_suite / "runs.csv")
     backdoored = {r["attack"]: float(r["asr"]) for r in rows if r["defense"] == "none"}
     assert all(asr >= 90 for asr in backdoored.values()), backdoored
+    # the triggers do not fool a model trained on clean data: these are backdoors, and flagged implanted
+    assert all(float(r["clean_asr"]) < 20 and r["implanted"] == "True" for r in rows), rows
     defended = [(float(r["asr"]), float(r["acc"])) for r in rows
                 if r["attack"] == "badnets" and r["defense"] != "none"]
     assert any(asr <= backdoored["badnets"] - 50 and acc >= 90 for asr, acc in defended), defended
@@ -67,7 +71,8 @@ def test_quick_suite_victims_implant_and_a_defense_removes_the_backdoor(quick_su
 
 
 def test_quick_suite_writes_valid_plots(quick_suite):
-    for name in ("landscape.png", "defenses_acc_asr.png", "asr_by_attack.png", "acc_by_attack.png"):
+    for name in ("landscape.png", "defenses_acc_asr.png", "asr_by_attack.png", "acc_by_attack.png",
+                 "asr_vs_acc_drop.png"):
         assert is_valid_png(quick_suite / name), name
     assert (quick_suite / "command.txt").read_text().startswith("tsc-fast bench suite --quick")
 
@@ -108,6 +113,33 @@ def test_summaries_and_markdown_against_hand_computed_values(tmp_path):
     assert [r["acc"] for r in reports.read_csv(path)] == [r["acc"] for r in rows]
 
 
+def test_clean_model_flag_and_asr_vs_drop_points_against_hand_computed_values(tmp_path):
+    def row(attack, defense, seed, acc, asr, implanted=True, clean_asr=2.0):
+        return {"attack": attack, "rate": 0.1, "seed": seed, "defense": defense, "acc": acc, "asr": asr,
+                "ra": 0.0, "seconds": 1.0, "steps": 1, "implanted": implanted, "clean_asr": clean_asr}
+
+    rows = [row("a", "none", 0, 98.0, 100.0), row("a", "none", 1, 96.0, 100.0),
+            row("a", "tsc", 0, 95.0, 4.0), row("a", "tsc", 1, 95.0, 6.0),
+            row("b", "none", 0, 97.0, 90.0, False, 80.0), row("b", "tsc", 0, 90.0, 60.0, False, 80.0)]
+    points = reports.asr_drop_points(rows)
+    assert points == [{"attack": "a", "rate": 0.1, "defense": "tsc", "asr": 5.0, "acc": 95.0, "acc_drop": 2.0,
+                       "runs": 2}]                                   # b fools a clean model: left out
+    assert len(reports.asr_drop_points(rows, implanted_only=False)) == 2
+    # a series without backdoored rows is measured against the main rows' backdoored model
+    other = [dict(r, asr=r["asr"] + 10, acc=r["acc"] - 1) for r in rows if r["defense"] == "tsc"]
+    assert reports.asr_drop_points(other, rows)[0]["acc_drop"] == pytest.approx(3.0)
+    table = reports.suite_markdown(rows, ["tsc"], dataset="mnist")
+    assert "Dataset: mnist." in table and "| b (fools a clean model) | 80.0 ± 0.0 |" in table
+    assert "| a | 2.0 ± 0.0 |" in table
+    assert "(fools a clean model: not judged)" in reports.targets_markdown(rows, ["tsc"])
+    path = reports.plot_asr_vs_drop(rows, tmp_path / "fig.png", extra={"tsc t*=0.5": other, "empty": []},
+                                    dataset="mnist")
+    assert is_valid_png(path)
+    assert is_valid_png(reports.plot_asr_vs_drop([], tmp_path / "empty.png"))
+    assert SuiteConfig(data="mnist").victim_epochs == 20 and SuiteConfig().victim_epochs == 40
+    assert SuiteConfig.quick(data="mnist").victim_epochs == 5 and SuiteConfig.quick().victim_epochs == 15
+
+
 def test_is_valid_png_rejects_junk(tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png at all, but long enough to be read")
@@ -120,8 +152,12 @@ def test_unknown_names_are_clear_errors(capsys):
         parse_attacks("badnets,nosuchattack")
     with pytest.raises(ValueError, match="unknown sweep"):
         parse_sweeps("t_stage3")
-    with pytest.raises(ValueError, match="digits data only"):
+    with pytest.raises(ValueError, match="digits or mnist"):
         SuiteConfig(data="cifar10")
+    with pytest.raises(ValueError, match="digits only"):
+        SuiteConfig(data="mnist", attacks="adaptive_badnets")
+    with pytest.raises(SystemExit):
+        main(["bench", "suite", "--data", "cifar10", "--out", "unused"])
     assert main(["bench", "suite", "--quick", "--attacks", "nosuch", "--out", "unused"]) == 2
     assert "unknown attack" in capsys.readouterr().err
     assert set(parse_attacks("all")) >= {"badnets", "blended", "sig", "wanet"}

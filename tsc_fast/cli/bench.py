@@ -75,8 +75,9 @@ def _cmd_bench_merge(args: argparse.Namespace) -> int:
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
     add_tsc_options(parser, "TSC settings (defaults: TSCConfig(); with --quick: 1 round, 60 steps)", official=False)
     parser.add_argument("--clean-fraction", type=float, help="defender's clean share of the training set "
-                        "(default 0.05; 0.1 with --quick)")
-    parser.add_argument("--victim-epochs", type=int, help="victim training epochs (default 40; 15 with --quick)")
+                        "(default 0.05; 0.1 with --quick, 0.05 on MNIST)")
+    parser.add_argument("--victim-epochs", type=int, help="victim training epochs (default 40; 15 with --quick; "
+                        "bench suite --data mnist: 20, 5 with --quick)")
     parser.add_argument("--seeds", type=int, help="number of seeds: seed, seed+1, ... (suite default 3, --quick 1)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -88,7 +89,9 @@ def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmark suite and ablations on the digits")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     suite = kinds.add_parser("suite", help="victims x defenses: table, CSV, landscape and ACC/ASR plots")
-    suite.add_argument("--data", default="digits", help="dataset (digits)")
+    suite.add_argument("--data", default="digits", choices=("digits", "mnist"),
+                       help="dataset: digits (8x8, DigitsCNN, 40 victim epochs; --quick 15) or mnist (28x28, "
+                       "MnistCNN, 20 victim epochs; --quick 5)")
     suite.add_argument("--attacks", help="comma list or 'all' (default badnets,blended); adaptive_badnets, "
                        "adaptive_blended: the adaptive attack")
     suite.add_argument("--defenses", default="tsc,ft,mcr,fst", help="comma list or 'all'")

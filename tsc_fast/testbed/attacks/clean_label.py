@@ -8,8 +8,8 @@
   target images pushed away from their class by L_inf PGD against a surrogate model, then stamped with four
   corner checkerboard patches. Parameters: ``epsilon`` (default 16/255), ``pgd_steps`` (default 10),
   ``step_size`` (default ``epsilon / 4``), ``patch_size`` (default as BadNets), ``amplitude`` (default 1),
-  ``surrogate`` (a model; default: a small CNN trained with ``tsc_fast.testbed.classifier.train_classifier``
-  for ``surrogate_epochs``, default 5).
+  ``surrogate`` (a model; default: a small CNN, the package model ``surrogate_arch``, default ``cnn``, trained
+  with ``tsc_fast.testbed.classifier.train_classifier`` for ``surrogate_epochs``, default 5).
 
 The shared clean-label poisoning rule is :class:`~tsc_fast.testbed.attacks.base.CleanLabelAttack`.
 """
@@ -128,7 +128,8 @@ class LabelConsistent(CleanLabelAttack):
     trigger to fit them; then the trigger is stamped: four ``patch_size`` checkerboard patches in the corners at
     ``amplitude`` (1 = full stamp, ``x + amplitude * mask * (pattern - x)``). Labels stay true. Test trigger: the
     corner patches only. The PGD model is ``surrogate`` (constructor or ``poison`` argument); without one, a small
-    surrogate CNN (``DigitsCNN``) is trained on the clean training data for ``surrogate_epochs`` epochs (about a
+    surrogate CNN (the package model ``surrogate_arch``: ``cnn``, the ``DigitsCNN``, by default; ``mnist_cnn`` at
+    28x28) is trained on the clean training data for ``surrogate_epochs`` epochs (about a
     second on the digits) -- a shortcut: the paper attacks an adversarially trained model or uses GAN interpolation.
     Defaults: ``epsilon`` 16/255 (one of the paper's budgets), 10 steps, patch side as BadNets (2 px at 8x8, 3 at
     32x32).
@@ -147,6 +148,7 @@ class LabelConsistent(CleanLabelAttack):
         amplitude: float = 1.0,
         surrogate: nn.Module | None = None,
         surrogate_epochs: int = 5,
+        surrogate_arch: str = "cnn",
     ):
         super().__init__(image_shape, target)
         _, height, width = self.image_shape
@@ -162,6 +164,7 @@ class LabelConsistent(CleanLabelAttack):
         self.step_size = float(epsilon / 4 if step_size is None else step_size)
         self.patch_size, self.amplitude = int(patch_size), float(amplitude)
         self.surrogate, self.surrogate_epochs = surrogate, int(surrogate_epochs)
+        self.surrogate_arch = str(surrogate_arch)
         self.mask, self.pattern = corner_checkerboard_trigger(self.image_shape, self.patch_size)
 
     def _trigger(self, batch: torch.Tensor) -> torch.Tensor:
@@ -187,8 +190,9 @@ class LabelConsistent(CleanLabelAttack):
             self._poison_model = None
 
     def train_surrogate(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> nn.Module:
-        """A small CNN trained on the clean ``(x, y)`` (Adam, ``surrogate_epochs`` epochs) for the PGD step."""
-        model = build_classifier("cnn", self.image_shape, int(y.max()) + 1, seed=seed).to(x.device)
+        """A small CNN (``surrogate_arch``) trained on the clean ``(x, y)`` (Adam, ``surrogate_epochs`` epochs) for the
+        PGD step."""
+        model = build_classifier(self.surrogate_arch, self.image_shape, int(y.max()) + 1, seed=seed).to(x.device)
         return train_classifier(model, x, y, epochs=self.surrogate_epochs, seed=seed, progress=False)
 
     def _poison_images(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
