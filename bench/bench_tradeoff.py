@@ -41,6 +41,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "affine": {"augment_rotation": 15.0, "augment_scale": 0.1},
     "affine_b8": {"augment_rotation": 15.0, "augment_scale": 0.1, "batch_size": 8},
     "affine_b8_avg": {"augment_rotation": 15.0, "augment_scale": 0.1, "batch_size": 8, "average_span": 0.2},
+    "affine_t2_0.3": {"augment_rotation": 15.0, "augment_scale": 0.1, "t_stage2": 0.3},
+    "affine_t2_0.2": {"augment_rotation": 15.0, "augment_scale": 0.1, "t_stage2": 0.2},
+    "affine_r2": {"augment_rotation": 15.0, "augment_scale": 0.1, "rounds": 2},
+    "affine_avg": {"augment_rotation": 15.0, "augment_scale": 0.1, "average_span": 0.2},
+    "affine_distill20": {"augment_rotation": 15.0, "augment_scale": 0.1, "distill_epochs": 20},
+    "affine_t2_0.1": {"augment_rotation": 15.0, "augment_scale": 0.1, "t_stage2": 0.1},
+    "affine_t2_0.2_avg": {"augment_rotation": 15.0, "augment_scale": 0.1, "t_stage2": 0.2, "average_span": 0.2},
+    "affine25_t2_0.2": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage2": 0.2},
+    "affine25_t2_0.1": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage2": 0.1},
+    "affine25_t2_0.15": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage2": 0.15},
+    "affine25_t2_0.15_avg": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage2": 0.15, "average_span": 0.2},
+    "affine35_t2_0.1": {"augment_rotation": 35.0, "augment_scale": 0.2, "t_stage2": 0.1},
+    "affine35_t2_0.15": {"augment_rotation": 35.0, "augment_scale": 0.2, "t_stage2": 0.15},
+    "affine25_t2_0.15_r4": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage2": 0.15, "rounds": 4},
+    "affine25_t1_0.5_t2_0.15": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage1": 0.5, "t_stage2": 0.15},
 }
 
 
@@ -61,8 +76,7 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in (int(s) for s in parse_list(args.seeds)):
         for attack in attacks:
-            setup = suite.make_victim(attack, args.rate, seed, data=args.data) if args.data != "digits" else \
-                suite.make_victim(attack, args.rate, seed)
+            setup = suite.make_victim(attack, args.rate, seed, data=args.data)
             clean = setup.clean_subset(args.clean_fraction, seed=seed)
             for name in variants:
                 config = TSCConfig(seed=seed, progress=False, warn_below_steps=0, **VARIANTS[name])

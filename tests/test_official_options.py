@@ -70,6 +70,9 @@ def test_official_config_names_its_settings():
     assert not TSCConfig.official(dataset="gtsrb").augment_flip
     plan = official.plan(72, image_size=8)                 # RandomCrop(padding=4) at every size
     assert plan.augment_shift == 4 and plan.bn_batch_size == 256
+    # the paper's t* and no rotation/rescaling, whatever our defaults are
+    assert (official.t_stage1, official.t_stage2) == (0.4, 0.4)
+    assert (plan.augment_rotation, plan.augment_scale) == (0.0, 0.0)
     default = TSCConfig()
     assert (default.tap_at, default.stats_augment, default.augment_flip) == ("activation", False, False)
     assert default.plan(72, image_size=8).bn_batch_size == default.stats_batch_size
@@ -105,10 +108,24 @@ def test_augmented_batches_repeat_per_pass_and_differ_between_passes():
 
 
 def test_a_users_dataloader_is_used_as_given_without_added_augmentation():
-    loader_plan = TSCConfig().plan(72, image_size=8, loader_batch_size=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the defaults say nothing: they only apply where we make the batches
+        loader_plan = TSCConfig().plan(72, image_size=8, loader_batch_size=24)
     assert (loader_plan.augment_shift, loader_plan.augment_flip, loader_plan.batch_size) == (0, False, 24)
+    assert (loader_plan.augment_rotation, loader_plan.augment_scale) == (0.0, 0.0)
     with pytest.warns(UserWarning, match="used as given"):
         TSCConfig(augment_shift=2, augment_flip=True).plan(72, image_size=8, loader_batch_size=24)
+    with pytest.warns(UserWarning, match="used as given"):
+        TSCConfig(augment_rotation=10.0).plan(72, image_size=8, loader_batch_size=24)
+
+
+def test_default_augmentation_of_a_dataset_rotates_and_rescales_and_can_be_turned_off():
+    from tsc_fast.tsc import DEFAULT_ROTATION, DEFAULT_SCALE
+
+    plan = TSCConfig().plan(72, image_size=8)
+    assert (plan.augment_rotation, plan.augment_scale) == (DEFAULT_ROTATION, DEFAULT_SCALE) != (0.0, 0.0)
+    off = TSCConfig(augment_rotation=0.0, augment_scale=0.0).plan(72, image_size=8)
+    assert off.augment == BatchAugment(1, False, 0.0, 0.0)
 
 
 def test_no_augmentation_reaches_a_users_dataloader_batches():

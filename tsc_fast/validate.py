@@ -35,11 +35,14 @@ def integer(name: str, value: Any, minimum: int | None = None, maximum: int | No
 
 
 def real(name: str, value: Any, minimum: float | None = None, maximum: float | None = None,
-         open_below: bool = False, open_above: bool = False) -> float:
-    """A finite real number in the given (closed unless said open) interval."""
+         open_below: bool = False, open_above: bool = False, allow_none: bool = False) -> float | None:
+    """A finite real number in the given (closed unless said open) interval (or None, when allowed)."""
     low = "-inf" if minimum is None else f"{minimum:g}"
     high = "inf" if maximum is None else f"{maximum:g}"
     accepted = f"a finite number in {'(' if open_below else '['}{low}, {high}{')' if open_above else ']'}"
+    if value is None and allow_none:
+        return None
+    accepted += " or None" if allow_none else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise _fail(name, value, accepted)
     number = float(value)

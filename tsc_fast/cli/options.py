@@ -5,12 +5,17 @@ import argparse
 from pathlib import Path
 
 from ..run_report import write_json_atomically
-from ..tsc import TSCConfig
+from ..tsc import DEFAULT_ROTATION, DEFAULT_SCALE, TSCConfig
 
-TSC_FLAGS = (("rounds", "--rounds", int, "rounds E (default 3)"),
-             ("curve_steps", "--curve-steps", int, "optimiser steps per curve (default 2000)"),
-             ("t_stage1", "--t-stage1", float, "t* of the stage-1 curve (default 0.4)"),
-             ("t_stage2", "--t-stage2", float, "t* of the stage-2 curve (default 0.4)"))
+_DEFAULTS = TSCConfig()
+TSC_FLAGS = (("rounds", "--rounds", int, f"rounds E (default {_DEFAULTS.rounds})"),
+             ("curve_steps", "--curve-steps", int, f"optimiser steps per curve (default {_DEFAULTS.curve_steps})"),
+             ("t_stage1", "--t-stage1", float, f"t* of the stage-1 curve (default {_DEFAULTS.t_stage1})"),
+             ("t_stage2", "--t-stage2", float, f"t* of the stage-2 curve (default {_DEFAULTS.t_stage2}; --official: 0.4)"),
+             ("augment_rotation", "--augment-rotation", float,
+              f"random rotation of curve batches, degrees (default {DEFAULT_ROTATION:g}; --official: 0)"),
+             ("augment_scale", "--augment-scale", float,
+              f"random rescaling of curve batches, +- fraction (default {DEFAULT_SCALE:g}; --official: 0)"))
 
 
 def add_tsc_options(parser: argparse.ArgumentParser, title: str = "TSC settings", official: bool = True) -> None:
