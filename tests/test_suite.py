@@ -11,6 +11,7 @@ import statistics
 import pytest
 import torch
 
+from tsc_fast import TSCConfig
 from tsc_fast.figures import is_valid_png
 from tsc_fast.testbed import reports
 from tsc_fast.testbed.ablate import AblationConfig, parse_sweeps
@@ -176,7 +177,7 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
         assert f"### {sweep}" in (tmp_path / "ablation.md").read_text()
     # the base configuration appears in three sweeps: same victim, same data, same seed -> same result
     base_runs = [r for r in rows if (r["sweep"], str(r["value"])) in
-                 {("t_stage2", "0.4"), ("augmentation", "on"), ("objective", "correlation")}]
+                 {("t_stage2", str(TSCConfig().t_stage2)), ("augmentation", "on"), ("objective", "correlation")}]
     assert len(base_runs) == 3
     assert len({(r["acc"], r["asr"]) for r in base_runs}) == 1
     sizes = [r["clean_examples"] for r in rows if r["sweep"] == "clean_fraction"]

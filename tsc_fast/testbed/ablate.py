@@ -37,6 +37,13 @@ def _set_config(field_name: str, convert: Callable[[Any], Any] = lambda v: v):
     return apply
 
 
+def _set_augmentation(settings: dict[str, Any], value: Any) -> None:
+    """"on": the default shift, rotation and rescaling; "off": none of them."""
+    on = value == "on"
+    settings["config"].update(augment_shift=None if on else 0, augment_rotation=None if on else 0.0,
+                              augment_scale=None if on else 0.0)
+
+
 def _set_fraction(settings: dict[str, Any], value: Any) -> None:
     settings["fraction"] = float(value)
 
@@ -50,9 +57,8 @@ SWEEPS: dict[str, Sweep] = {
     "clean_fraction": Sweep((0.01, 0.05, 0.1), (0.05, 0.1), _set_fraction, "defender's clean share of train set"),
     "curve_steps": Sweep((250, 500, 1000, 2000), (20, 60), _set_config("curve_steps"), "optimiser steps per curve"),
     "batch_size": Sweep((8, 16, 32, 64), (16, 64), _set_config("batch_size"), "curve / fine-tune batch size"),
-    "augmentation": Sweep(("on", "off"), ("on", "off"),
-                          _set_config("augment_shift", lambda v: None if v == "on" else 0),
-                          "random shift of curve batches (on: the default shift)"),
+    "augmentation": Sweep(("on", "off"), ("on", "off"), _set_augmentation,
+                          "random shift, rotation and rescaling of curve batches (on: the defaults)"),
     "objective": Sweep(("correlation", "second_moment"), ("correlation", "second_moment"), _set_config("objective"),
                        "assignment objective: Pearson correlation or uncentred second moment"),
 }
