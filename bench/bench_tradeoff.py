@@ -2,7 +2,8 @@
 
     python bench/bench_tradeoff.py run --data digits --attacks all --seeds 0 --variants default,t2_0.5 \\
         --out bench/results/tradeoff/digits_a.jsonl          # one process; run several side by side
-    python bench/bench_tradeoff.py report bench/results/tradeoff  # table.md, tradeoff.csv, one figure per dataset
+    python bench/bench_tradeoff.py report bench/results/tradeoff --suite bench/results/suite_digits \\
+        --suite bench/results/suite_mnist                     # table.md, tradeoff.csv, one figure per dataset
 
 Every (dataset, attack, rate, seed) victim is trained once per process and purified with each variant (a named
 set of ``TSCConfig`` overrides, below) on the same clean subset (5% of the clean training set, the run's seed).
@@ -13,6 +14,7 @@ The seconds depend on what else runs on the machine; ACC/ASR/RA do not.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import statistics
@@ -25,10 +27,13 @@ from typing import Any
 import torch
 
 from tsc_fast import TSCConfig, purify
-from tsc_fast.testbed import suite
+from tsc_fast.testbed import reports, suite
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
+# Every variant below changes the settings TSC had before the current defaults (PREVIOUS: the paper's t* 0.4, no
+# rotation or rescaling), so its recorded rows stay reproducible; "default" is TSCConfig() as it is now.
+PREVIOUS: dict[str, Any] = {"t_stage2": 0.4, "augment_rotation": 0.0, "augment_scale": 0.0}
+_CHANGES: dict[str, dict[str, Any]] = {
+    "previous_default": {},
     "t2_0.5": {"t_stage2": 0.5},
     "t2_0.6": {"t_stage2": 0.6},
     "holdout": {"t_select": "holdout"},
@@ -57,6 +62,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "affine25_t2_0.15_r4": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage2": 0.15, "rounds": 4},
     "affine25_t1_0.5_t2_0.15": {"augment_rotation": 25.0, "augment_scale": 0.15, "t_stage1": 0.5, "t_stage2": 0.15},
 }
+VARIANTS: dict[str, dict[str, Any]] = {"default": {}, **{name: {**PREVIOUS, **change} for name, change in _CHANGES.items()}}
 
 
 def parse_list(text: str, known: list[str] | None = None) -> list[str]:
@@ -122,12 +128,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-TARGETS = {"digits": (15.0, 2.0), "mnist": (5.0, 1.0)}  # (ASR at most, ACC drop at most) of issue 14
+TARGETS = reports.TARGETS  # (ASR at most, ACC drop at most) per dataset
 
 
 def markdown(summary: list[dict[str, Any]]) -> str:
-    lines = ["ASR and ACC drop after TSC, mean ± sd over seeds (backdoored ASR in brackets); ✓: within the "
-             "dataset's target (digits ASR <= 15 and drop <= 2, MNIST ASR <= 5 and drop <= 1).", ""]
+    lines = [("ASR and ACC drop after TSC, mean ± sd over seeds (backdoored ASR in brackets); ✓: within the "
+              "dataset's target (digits ASR <= 15 and drop <= 2, MNIST ASR <= 5 and drop <= 1)."), ""]
     for data in sorted({e["data"] for e in summary}):
         entries = [e for e in summary if e["data"] == data]
         variants = list(dict.fromkeys(e["variant"] for e in entries))
@@ -155,24 +161,45 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict[str, Any]], folder: Path) -> list[Path]:
+def suite_points(folder: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The dataset of a ``tsc-fast bench suite`` output folder and its defenses' means over the implanted cases
+    (a case: attack x rate, means over seeds; ACC drop against that case's backdoored model)."""
+    data = json.loads((folder / "suite.json").read_text())["config"]["data"]
+    points = reports.asr_drop_points(reports.read_csv(folder / "runs.csv"))
+    means = []
+    for defense in dict.fromkeys(p["defense"] for p in points):
+        mine = [p for p in points if p["defense"] == defense]
+        means.append({"label": f"suite {defense}", "asr": statistics.mean(p["asr"] for p in mine),
+                      "drop": statistics.mean(p["acc_drop"] for p in mine), "cases": len(mine)})
+    return data, means
+
+
+def plot(summary: list[dict[str, Any]], folder: Path, suites: dict[str, list[dict[str, Any]]]) -> list[Path]:
+    """Per dataset: every TSC setting tried as one point (means over its implanted cases), the suite's defenses
+    (3 seeds, every implanted case) as stars; the target corner dotted."""
     from tsc_fast.figures import pyplot, save_figure
 
     plt, written = pyplot(), []
-    for data in sorted({e["data"] for e in summary}):
+    for data in sorted({e["data"] for e in summary} | set(suites)):
         entries = [e for e in summary if e["data"] == data and e["implanted"]]
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(8, 5.5))
         for variant in dict.fromkeys(e["variant"] for e in entries):
-            points = [e for e in entries if e["variant"] == variant]
-            ax.scatter([e["drop"] for e in points], [e["asr"] for e in points], label=variant, s=28)
+            mine = [e for e in entries if e["variant"] == variant]
+            x, y = statistics.mean(e["drop"] for e in mine), statistics.mean(e["asr"] for e in mine)
+            ax.scatter([x], [y], s=22, color="C0" if variant != "default" else "C3")
+            ax.annotate(f"{variant} ({len(mine)})", (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        for point in suites.get(data, []):
+            ax.scatter([point["drop"]], [point["asr"]], s=90, marker="*", color="C2")
+            ax.annotate(f"{point['label']} ({point['cases']})", (point["drop"], point["asr"]), fontsize=7,
+                        xytext=(4, -8), textcoords="offset points", color="C2")
         asr_max, drop_max = TARGETS.get(data, (15.0, 2.0))
         ax.axhline(asr_max, color="grey", linestyle=":")
         ax.axvline(drop_max, color="grey", linestyle=":")
         ax.set_xlabel("ACC drop (points)")
         ax.set_ylabel("ASR after purification (%)")
-        ax.set_title(f"{data}: every attack x TSC setting (means over seeds); target: lower left of the dotted lines",
-                     fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"{data}: each TSC setting tried (dots: seed 0, mean over the attacks measured, count in "
+                     f"brackets)\nand each suite defense (stars: 3 seeds); target: lower left of the dotted lines",
+                     fontsize=8)
         ax.grid(alpha=0.3)
         written.append(save_figure(fig, folder / f"asr_vs_acc_drop_{data}.png"))
     return written
@@ -181,14 +208,14 @@ def plot(summary: list[dict[str, Any]], folder: Path) -> list[Path]:
 def report(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     summary = summarise(read_rows(folder))
+    suites = dict(suite_points(Path(f)) for f in args.suite)
     (folder / "table.md").write_text("# TSC settings: ASR / ACC drop\n\n" + markdown(summary))
-    with open(folder / "tradeoff.csv", "w") as handle:
-        keys = list(summary[0])
-        handle.write(",".join(keys) + "\n")
-        for e in summary:
-            handle.write(",".join(str(e[k]) for k in keys) + "\n")
+    with open(folder / "tradeoff.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
     print(markdown(summary))
-    print("written:", folder / "table.md", *plot(summary, folder))
+    print("written:", folder / "table.md", folder / "tradeoff.csv", *plot(summary, folder, suites))
 
 
 def main() -> None:
@@ -206,6 +233,8 @@ def main() -> None:
     go.set_defaults(fn=run)
     rep = commands.add_parser("report")
     rep.add_argument("folder")
+    rep.add_argument("--suite", action="append", default=[], help="a `tsc-fast bench suite` output folder whose "
+                     "defenses join the figure of its dataset (repeatable)")
     rep.set_defaults(fn=report)
     args = parser.parse_args()
     args.fn(args)

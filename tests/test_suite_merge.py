@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tsc_fast.cli import main
-from tsc_fast.testbed.reports import targets_markdown
+from tsc_fast.testbed.reports import TARGETS, targets_markdown
 from tsc_fast.testbed.suite import SuiteConfig, merge_suite_runs
 
 
@@ -27,6 +27,9 @@ def test_targets_table_judges_means_against_the_bar():
     sig = next(line for line in text.splitlines() if "| sig |" in line)
     assert "not judged" in sig and "✓" not in sig
     assert "of 1 implanted): tsc 1, ft 0" in text
+    # the tighter MNIST bar (ASR <= 5, drop <= 1): the same numbers clear nothing
+    tight = targets_markdown(ROWS, ["tsc", "ft"], *TARGETS["mnist"])
+    assert "ASR <= 5% with an ACC drop <= 1 points" in tight and "of 1 implanted): tsc 0, ft 0" in tight
 
 
 def _suite_folder(path, rows, rate, landscape):
@@ -49,7 +52,8 @@ def test_merge_joins_rows_rates_and_commands(tmp_path):
     assert merged["config"]["rates"] == [0.1, 0.01]
     table = (out / "table.md").read_text()
     assert "### poisoning rate 0.1" in table and "### poisoning rate 0.01" in table
-    assert "of 2 implanted): tsc 2, ft 0" in table
+    # judged against the digits' bar (drop <= 2): TSC's 2.5-point drop misses it at both rates
+    assert "ASR <= 15% with an ACC drop <= 2 points" in table and "of 2 implanted): tsc 0, ft 0" in table
     assert (out / "command.txt").read_text().count("tsc-fast bench") == 3
 
 

@@ -15,6 +15,8 @@ from ..run_report import write_json_atomically
 
 METRICS = ("acc", "asr", "ra")
 IMPLANT_THRESHOLD = 50.0    # backdoored ASR (percent) below which an attack "did not implant"
+# the accuracy-keeping targets per dataset: (ASR at most, ACC drop at most), means over seeds
+TARGETS = {"digits": (15.0, 2.0), "mnist": (5.0, 1.0)}
 FOOLS_CLEAN_ASR = 20.0      # clean-model ASR (percent) from which a trigger "fools a clean model": no backdoor
 
 
@@ -336,13 +338,15 @@ def write_suite_reports(result, out_dir: Path) -> dict[str, str]:
               f"fraction {config.clean_fraction:g}; victim epochs {config.victim_epochs}; total "
               f"{result.seconds:.0f} s\n\n")
     files["markdown"] = out_dir / "table.md"
-    files["markdown"].write_text(header + table + "\n" + targets_markdown(result.rows, config.defenses))
+    asr_max, drop_max = TARGETS.get(config.data, (15.0, 3.0))
+    files["markdown"].write_text(header + table + "\n" + targets_markdown(result.rows, config.defenses, asr_max,
+                                                                         drop_max))
     if config.plots:
         files["defense_bars"] = plot_defense_bars(result.rows, out_dir / "defenses_acc_asr.png", config.data)
         files["asr_by_attack"] = plot_attack_bars(result.rows, "asr", out_dir / "asr_by_attack.png", config.data)
         files["acc_by_attack"] = plot_attack_bars(result.rows, "acc", out_dir / "acc_by_attack.png", config.data)
         files["asr_vs_acc_drop"] = plot_asr_vs_drop(result.rows, out_dir / "asr_vs_acc_drop.png",
-                                                    dataset=config.data)
+                                                    dataset=config.data, asr_max=asr_max, drop_max=drop_max)
         if result.landscape is not None:
             files["landscape"] = plot_landscape(result.landscape, out_dir / "landscape.png")
     files["json"] = out_dir / "suite.json"
