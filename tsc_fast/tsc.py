@@ -44,7 +44,7 @@ OFFICIAL_CURVE_STEPS = 2000  # the official regime: 2500 images, batch 256, 200 
 OFFICIAL_CROP_PADDING = 4    # the official training transform: RandomCrop(size, padding=4) at every image size
 OFFICIAL_FLIPPED = ("cifar10",)  # datasets its training transform also flips horizontally
 T_SELECTIONS = ("fixed", "holdout")
-# Beyond the paper (README "Defaults"): random rotation and rescaling of the clean images in curve training give
+# Beyond the paper (README "Keeping accuracy"): random rotation and rescaling of the clean images in curve training give
 # the middle control point more views of a small clean set; measured on the digits and MNIST, they collapse the
 # backdoor along the curve, so a stage-2 t* of 0.2 (official 0.4) keeps it out and costs less accuracy
 DEFAULT_ROTATION = 25.0      # degrees
