@@ -128,16 +128,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-TARGETS = reports.TARGETS  # (ASR at most, ACC drop at most) per dataset
-
-
 def markdown(summary: list[dict[str, Any]]) -> str:
     lines = [("ASR and ACC drop after TSC, mean ± sd over seeds (backdoored ASR in brackets); ✓: within the "
               "dataset's target (digits ASR <= 15 and drop <= 2, MNIST ASR <= 5 and drop <= 1)."), ""]
     for data in sorted({e["data"] for e in summary}):
         entries = [e for e in summary if e["data"] == data]
         variants = list(dict.fromkeys(e["variant"] for e in entries))
-        asr_max, drop_max = TARGETS.get(data, (15.0, 2.0))
+        asr_max, drop_max = reports.TARGETS[data]
         lines += [f"### {data}", "", "| rate | attack | " + " | ".join(variants) + " |",
                   "|---|---|" + "---|" * len(variants)]
         for rate, attack in sorted({(e["rate"], e["attack"]) for e in entries}):
@@ -192,7 +189,7 @@ def plot(summary: list[dict[str, Any]], folder: Path, suites: dict[str, list[dic
             ax.scatter([point["drop"]], [point["asr"]], s=90, marker="*", color="C2")
             ax.annotate(f"{point['label']} ({point['cases']})", (point["drop"], point["asr"]), fontsize=7,
                         xytext=(4, -8), textcoords="offset points", color="C2")
-        asr_max, drop_max = TARGETS.get(data, (15.0, 2.0))
+        asr_max, drop_max = reports.TARGETS[data]
         ax.axhline(asr_max, color="grey", linestyle=":")
         ax.axvline(drop_max, color="grey", linestyle=":")
         ax.set_xlabel("ACC drop (points)")
